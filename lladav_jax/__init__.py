@@ -1,0 +1,1 @@
+"""lladav-jax: LLaDA-V in JAX/Flax."""

@@ -1,0 +1,122 @@
+"""Building blocks shared by the vision tower and the language model.
+
+Every parameter carries logical axis names (`out_sharding` metadata); `lladav_jax.parallel`
+maps them onto mesh axes. Without a mesh the names are inert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd
+from jax.sharding import PartitionSpec
+
+Axes = tuple[str | None, ...]
+
+
+def dtype_of(name: str | jnp.dtype) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def linear(
+    d_in: int,
+    d_out: int,
+    axes: Axes,
+    cfg,
+    rngs: nnx.Rngs,
+    *,
+    use_bias: bool = False,
+    std: float = 0.02,
+) -> nnx.Linear:
+    """A dense layer with logical axes on its kernel [in, out] (and bias [out])."""
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=use_bias,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        kernel_init=nnx.initializers.normal(std),
+        kernel_metadata={"out_sharding": axes},
+        bias_metadata={"out_sharding": axes[-1:]},
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA RMSNorm: normalise in float32, cast back, then scale (the HF order of operations)."""
+
+    def __init__(self, dim: int, eps: float, cfg, axis: str = "norm"):
+        self.eps = eps
+        self.dtype = dtype_of(cfg.dtype)
+        self.weight = nnx.Param(
+            jnp.ones((dim,), dtype_of(cfg.param_dtype)), out_sharding=(axis,)
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def layer_norm(dim: int, eps: float, cfg, rngs: nnx.Rngs, axis: str = "norm") -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        scale_metadata={"out_sharding": (axis,)},
+        bias_metadata={"out_sharding": (axis,)},
+        rngs=rngs,
+    )
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = spmd.get_logical_axis_rules()
+    if mesh is None or mesh.empty or not rules:
+        return x
+    spec = PartitionSpec(*spmd.from_sharding_rules(axes, rules))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing: recompute the whole layer
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """Wraps a layer function in activation checkpointing by policy name (`none` = off)."""
+    if policy == "none":
+        return fn
+    if policy not in _POLICIES:
+        raise ValueError(f"unknown remat_policy {policy!r}; choose none or {list(_POLICIES)}")
+    return jax.checkpoint(fn, policy=_POLICIES[policy], prevent_cse=False)
+
+
+def scan_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs):
+    """Creates `n` layers with stacked parameters (leading `layers` axis) for `run_layers`."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return make_layer(r)
+
+    return make(rngs)
+
+
+def run_layers(layers: nnx.Module, x: jax.Array, policy: str, **kwargs) -> jax.Array:
+    """Runs stacked layers over `x` with `lax.scan`: compile time does not grow with depth."""
+    graphdef, state = nnx.split(layers)
+
+    def body(h, layer_state):
+        return nnx.merge(graphdef, layer_state)(h, **kwargs), None
+
+    x, _ = jax.lax.scan(remat(body, policy), x, state)
+    return x

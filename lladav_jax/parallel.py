@@ -1,0 +1,92 @@
+"""Device mesh and logical-axis rules.
+
+Layers name their axes (`embed`, `heads`, `mlp`, `vocab`, `layers`, `batch`, ...); the rules
+below map each name onto mesh axes (`data`, `fsdp`, `tensor`). A config may replace the rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axes). Parameters: embed/heads/kv_heads/mlp/vocab/layers/norm/patch.
+# Activations: batch/length/act_* (kept apart so a parameter rule never reshapes activations).
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("patch", None),
+)
+
+
+class MeshError(ValueError):
+    """The requested mesh does not fit the devices."""
+
+
+def make_mesh(
+    shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """Builds a (data, fsdp, tensor) mesh. One axis may be -1: it takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    if len(sizes) != len(MESH_AXES):
+        raise MeshError(f"mesh shape {sizes} must give one size per axis {MESH_AXES}")
+    if sizes.count(-1) > 1:
+        raise MeshError(f"mesh shape {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or len(devices) % known:
+            raise MeshError(
+                f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the {len(devices)} devices"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices) or min(sizes) < 1:
+        raise MeshError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+            f"{len(devices)} are present ({jax.default_backend()}); set the sizes so their "
+            "product equals the device count, or use -1 for one axis"
+        )
+    grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh | None, rules=DEFAULT_RULES) -> Iterator[None]:
+    """Activates a mesh and logical rules: parameters created inside are born sharded."""
+    if mesh is None:
+        with nnx.use_eager_sharding(False):
+            yield
+        return
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), nnx.use_eager_sharding(True):
+        yield
+
+
+def logical_to_mesh(axes: Sequence[str | None], rules=DEFAULT_RULES) -> PartitionSpec:
+    table = dict(rules)
+    return PartitionSpec(*(table.get(a) if a is not None else None for a in axes))
+
+
+def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings of an nnx State (or abstract state) from its parameters' logical axes."""
+    with nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(state)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)

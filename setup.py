@@ -1,0 +1,31 @@
+"""lladav-jax: LLaDA-V (masked-diffusion vision-language model) in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+TORCH = "torch>=2.4,<3"  # satisfied by the CPU wheel 2.13.0; install that first (see README)
+
+setup(
+    name="lladav_jax",
+    version="0.1.0",
+    description="LLaDA-V in JAX/Flax: train on TPU pods, decode fast, convert to and from PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lladav_jax", "lladav_jax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.8",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+    ],
+    extras_require={
+        "torch": [TORCH, "transformers>=5.0,<6"],
+        "test": [TORCH, "transformers>=5.0,<6", "pytest>=8", "ruff>=0.6"],
+        "tpu": ["jax[tpu]>=0.10"],
+        "gpu": ["jax[cuda12]>=0.10"],
+    },
+    entry_points={"console_scripts": []},
+)
