@@ -1,5 +1,7 @@
 """lladav-jax: LLaDA-V (masked-diffusion vision-language model) in JAX/Flax NNX."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 TORCH = "torch>=2.4,<3"  # satisfied by the CPU wheel 2.13.0; install that first (see README)
@@ -8,7 +10,7 @@ setup(
     name="lladav_jax",
     version="0.1.0",
     description="LLaDA-V in JAX/Flax: train on TPU pods, decode fast, convert to and from PyTorch",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lladav_jax", "lladav_jax.*"]),
@@ -27,5 +29,9 @@ setup(
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "lladav-convert=lladav_jax.convert:main",
+        ]
+    },
 )

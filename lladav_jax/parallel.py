@@ -70,13 +70,9 @@ def make_mesh(
 
 
 @contextlib.contextmanager
-def sharding_context(mesh: Mesh | None, rules=DEFAULT_RULES) -> Iterator[None]:
-    """Activates a mesh and logical rules: parameters created inside are born sharded."""
-    if mesh is None:
-        with nnx.use_eager_sharding(False):
-            yield
-        return
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), nnx.use_eager_sharding(True):
+def sharding_context(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
+    """Activates a mesh and logical rules, so that activation constraints take effect."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         yield
 
 

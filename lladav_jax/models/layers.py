@@ -17,6 +17,12 @@ from jax.sharding import PartitionSpec
 Axes = tuple[str | None, ...]
 
 
+def axes(*names: str | None) -> dict:
+    """Variable metadata naming the logical axes. Placement happens when a model is created on
+    a mesh (`lladav.create`), never eagerly, so models build the same with or without one."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
 def dtype_of(name: str | jnp.dtype) -> jnp.dtype:
     return jnp.dtype(name)
 
@@ -24,7 +30,7 @@ def dtype_of(name: str | jnp.dtype) -> jnp.dtype:
 def linear(
     d_in: int,
     d_out: int,
-    axes: Axes,
+    names: Axes,
     cfg,
     rngs: nnx.Rngs,
     *,
@@ -39,8 +45,8 @@ def linear(
         dtype=dtype_of(cfg.dtype),
         param_dtype=dtype_of(cfg.param_dtype),
         kernel_init=nnx.initializers.normal(std),
-        kernel_metadata={"out_sharding": axes},
-        bias_metadata={"out_sharding": axes[-1:]},
+        kernel_metadata=axes(*names),
+        bias_metadata=axes(names[-1]),
         rngs=rngs,
     )
 
@@ -51,9 +57,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, cfg, axis: str = "norm"):
         self.eps = eps
         self.dtype = dtype_of(cfg.dtype)
-        self.weight = nnx.Param(
-            jnp.ones((dim,), dtype_of(cfg.param_dtype)), out_sharding=(axis,)
-        )
+        self.weight = nnx.Param(jnp.ones((dim,), dtype_of(cfg.param_dtype)), **axes(axis))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -67,19 +71,19 @@ def layer_norm(dim: int, eps: float, cfg, rngs: nnx.Rngs, axis: str = "norm") ->
         epsilon=eps,
         dtype=dtype_of(cfg.dtype),
         param_dtype=dtype_of(cfg.param_dtype),
-        scale_metadata={"out_sharding": (axis,)},
-        bias_metadata={"out_sharding": (axis,)},
+        scale_metadata=axes(axis),
+        bias_metadata=axes(axis),
         rngs=rngs,
     )
 
 
-def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+def constrain(x: jax.Array, names: Axes) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = spmd.get_logical_axis_rules()
     if mesh is None or mesh.empty or not rules:
         return x
-    spec = PartitionSpec(*spmd.from_sharding_rules(axes, rules))
+    spec = PartitionSpec(*spmd.from_sharding_rules(names, rules))
     return jax.lax.with_sharding_constraint(x, spec)
 
 

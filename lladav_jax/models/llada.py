@@ -1,0 +1,126 @@
+"""LLaDA-8B: a LLaMA-3-shaped transformer with bidirectional attention (DESIGN.md 1.1).
+
+Pre-norm RMSNorm blocks, half-split ("rotate_half") RoPE, SwiGLU MLP, untied output head, no
+biases. Attention sees every token of the same segment: padding (segment 0) and other packed
+samples are the only things masked. Layers are stacked and run by a scan.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lladav_jax.models import layers
+from lladav_jax.models.attention import attention
+from lladav_jax.models.layers import RMSNorm, constrain, linear
+
+ACT = ("batch", "length", "act_embed")
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, L, head_dim] in float32, the frequencies repeated over both halves (HF)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, L, H, D]; rotates the first half against the second (not interleaved pairs)."""
+    cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Block(nnx.Module):
+    """One transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        t = cfg.text
+        self.num_heads, self.num_kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
+        self.attention_impl = cfg.attention_impl
+        d, q_dim, kv_dim = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+        self.attn_norm = RMSNorm(d, t.rms_norm_eps, cfg)
+        self.q = linear(d, q_dim, ("embed", "heads"), cfg, rngs)
+        self.k = linear(d, kv_dim, ("embed", "kv_heads"), cfg, rngs)
+        self.v = linear(d, kv_dim, ("embed", "kv_heads"), cfg, rngs)
+        self.o = linear(q_dim, d, ("heads", "embed"), cfg, rngs)
+        self.mlp_norm = RMSNorm(d, t.rms_norm_eps, cfg)
+        self.gate = linear(d, t.intermediate_size, ("embed", "mlp"), cfg, rngs)
+        self.up = linear(d, t.intermediate_size, ("embed", "mlp"), cfg, rngs)
+        self.down = linear(t.intermediate_size, d, ("mlp", "embed"), cfg, rngs)
+
+    def __call__(
+        self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array
+    ) -> jax.Array:
+        b, n = x.shape[:2]
+        h = self.attn_norm(x)
+        q = self.q(h).reshape(b, n, self.num_heads, self.head_dim)
+        k = self.k(h).reshape(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v(h).reshape(b, n, self.num_kv_heads, self.head_dim)
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
+        out = attention(q, k, v, q_segment_ids=segment_ids, impl=self.attention_impl)
+        out = checkpoint_name(out.reshape(b, n, -1), "attn_out")
+        x = constrain(x + self.o(out), ACT)
+        h = self.mlp_norm(x)
+        h = constrain(jax.nn.silu(self.gate(h)) * self.up(h), ("batch", "length", "act_mlp"))
+        return constrain(x + self.down(h), ACT)
+
+
+class LLaDA(nnx.Module):
+    """Token embeddings -> stacked blocks -> final norm -> untied head."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        t = cfg.text
+        self.remat_policy = cfg.remat_policy
+        self.head_dim, self.rope_theta = t.head_dim, t.rope_theta
+        self.embed = nnx.Embed(
+            t.vocab_size,
+            t.hidden_size,
+            dtype=layers.dtype_of(cfg.dtype),
+            param_dtype=layers.dtype_of(cfg.param_dtype),
+            embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata=layers.axes("vocab", "embed"),
+            rngs=rngs,
+        )
+        self.layers = layers.scan_layers(lambda r: Block(cfg, r), t.num_layers, rngs)
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, cfg)
+        self.lm_head = linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), cfg, rngs)
+
+    def hidden_states(
+        self,
+        embeds: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Input embeddings [B, L, D] -> final-norm hidden states [B, L, D].
+
+        positions: RoPE positions [B, L] (restart per packed sample); default 0..L-1.
+        segment_ids: [B, L], 0 = padding; default: one segment, no padding.
+        """
+        b, n = embeds.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, n), jnp.int32)
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+        x = constrain(embeds, ACT)
+        x = layers.run_layers(
+            self.layers, x, self.remat_policy, cos=cos, sin=sin, segment_ids=segment_ids
+        )
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return constrain(self.lm_head(hidden), ("batch", "length", "act_vocab"))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Token ids [B, L] -> logits [B, L, vocab]. Position i predicts token i (no shift)."""
+        return self.logits(self.hidden_states(self.embed(tokens), positions, segment_ids))
