@@ -8,6 +8,7 @@ from flax import nnx
 
 from lladav_jax.models import variants, weights
 from lladav_jax.models.llada import LLaDA
+from tests import references as ref
 
 
 def tiny_cfg(kv_heads: int = 4):
@@ -17,38 +18,18 @@ def tiny_cfg(kv_heads: int = 4):
 
 
 def reference(cfg) -> transformers.LlamaForCausalLM:
-    t = cfg.text
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rope_theta=t.rope_theta,
-        rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # norms away from 1 so that a missing or misplaced norm shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    return model
+    return ref.randomize(transformers.LlamaForCausalLM(ref.llama_config(cfg)), scale=0.05)
 
 
 def ours_from(model: transformers.LlamaForCausalLM, cfg) -> LLaDA:
     ours = LLaDA(cfg, rngs=nnx.Rngs(1))
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    weights.load_hf(ours, sd, weights.llm_entries(cfg, root=()), cfg)
+    weights.load_hf(ours, ref.state_dict(model), weights.llm_entries(cfg, root=()), cfg)
     return ours
 
 
 def ref_logits(model, tokens: np.ndarray, key_mask: np.ndarray) -> np.ndarray:
-    """key_mask [B, L]: 1 = visible key. The 4-D float mask has no causal part."""
-    b, n = tokens.shape
-    mask = np.where(key_mask[:, None, None, :] > 0, 0.0, torch.finfo(torch.float32).min)
-    mask = torch.tensor(np.broadcast_to(mask, (b, 1, n, n)).copy(), dtype=torch.float32)
     with torch.no_grad():
-        return model(torch.tensor(tokens), attention_mask=mask).logits.numpy()
+        return model(torch.tensor(tokens), attention_mask=ref.bidirectional_mask(key_mask)).logits
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
@@ -57,9 +38,8 @@ def test_logits_match_bidirectional_llama(kv_heads):
     model = reference(cfg)
     ours = ours_from(model, cfg)
     tokens = np.random.default_rng(0).integers(0, cfg.text.vocab_size, (2, 24))
-    want = ref_logits(model, tokens, np.ones_like(tokens))
-    got = np.asarray(nnx.jit(lambda m, t: m(t))(ours, tokens))
-    np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max()), rtol=0)
+    want = ref_logits(model, tokens, np.ones_like(tokens)).numpy()
+    ref.assert_close(nnx.jit(lambda m, t: m(t))(ours, tokens), want)
 
 
 def test_padding_is_masked():
@@ -69,7 +49,7 @@ def test_padding_is_masked():
     tokens = np.random.default_rng(1).integers(0, cfg.text.vocab_size, (2, 20))
     valid = np.ones_like(tokens)
     valid[1, 13:] = 0
-    want = ref_logits(model, tokens, valid)
+    want = ref_logits(model, tokens, valid).numpy()
     got = np.asarray(ours(tokens, segment_ids=valid))
     tol = 1e-5 * max(1.0, np.abs(want).max())
     np.testing.assert_allclose(got[valid > 0], want[valid > 0], atol=tol, rtol=0)

@@ -9,8 +9,11 @@ we stack along a leading `layers` axis) and how the array is laid out (PyTorch L
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -128,17 +131,21 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 def check_hf_keys(
     entries: list[Entry], shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple],
-    cfg,
+    cfg, stored_names: Mapping[str, str] | None = None,
 ) -> None:
     """Raises one WeightMappingError naming every missing, unexpected or mis-shaped HF key.
 
-    shapes: HF key -> stored shape; expected: HF key -> shape our model needs.
+    shapes: HF key -> stored shape; expected: HF key -> shape our model needs;
+    stored_names: HF key -> the name it has in the files read, when they were renamed.
     """
+    stored_names = stored_names or {}
+    name = lambda k: f"{k} (stored as {stored_names[k]})" if k in stored_names else k
     wanted = {k for e in entries for k in e.hf_keys()}
     missing = sorted(wanted - set(shapes))
-    unexpected = sorted(k for k in shapes if k not in wanted and not is_ignored_hf_key(k, cfg))
+    unexpected = sorted(name(k) for k in shapes
+                        if k not in wanted and not is_ignored_hf_key(k, cfg))
     bad = sorted(
-        f"{k}: stored {tuple(shapes[k])}, expected {tuple(expected[k])}"
+        f"{name(k)}: stored {tuple(shapes[k])}, expected {tuple(expected[k])}"
         for k in wanted & set(shapes)
         if tuple(shapes[k]) != tuple(expected[k])
     )
@@ -205,7 +212,13 @@ def iter_to_hf(params: Mapping, entries: list[Entry]) -> Iterator[tuple[str, np.
 def load_hf(model, state_dict: Mapping[str, np.ndarray], entries: list[Entry], cfg) -> None:
     """Writes an HF state dict into an nnx model in place (checked first; nothing on error)."""
     state = nnx.state(model, nnx.Param)
-    pure = from_hf(state_dict, nnx.to_pure_dict(state), entries, cfg)
+    current = nnx.to_pure_dict(state)
+    pure = from_hf(state_dict, current, entries, cfg)
+    # Own copies in the parameter dtype, placed like the parameters they replace (the source
+    # arrays may be memory-mapped or shared with torch tensors).
+    pure = jax.tree.map(
+        lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), pure, current
+    )
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
 
@@ -213,3 +226,119 @@ def load_hf(model, state_dict: Mapping[str, np.ndarray], entries: list[Entry], c
 def export_hf(model, entries: list[Entry]) -> dict[str, np.ndarray]:
     """An nnx model's parameters as an HF state dict (numpy)."""
     return to_hf(nnx.to_pure_dict(nnx.state(model, nnx.Param)), entries)
+
+
+_ONEVISION_RENAMES = (
+    (VISION_PREFIX, "model.vision_tower."),
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    ("model.image_newline", "model.image_newline"),
+    ("lm_head.", "lm_head."),
+    (LLM_PREFIX, "model.language_model."),  # last: the other `model.` keys matched above
+)
+
+
+def llava_onevision_key(key: str) -> str:
+    """Official LLaDA-V key -> transformers' `LlavaOnevisionForConditionalGeneration` key."""
+    for old, new in _ONEVISION_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    raise KeyError(f"no LlavaOnevision name for {key!r}")
+
+
+# --- Streaming: one block of rows at a time -------------------------------------------------
+# A converter never holds a whole stacked parameter: it moves rows of one HF tensor at a time.
+# HF's first axis is our axis 0 (copy), 1 (linear: transposed) or 3 (conv: OIHW -> HWIO).
+_HF_ROW_AXIS = {"copy": 0, "linear": 1, "conv": 3}
+
+
+def row_ranges(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges over the first axis of `shape`, each at most ~max_bytes."""
+    if not shape:
+        return [(0, 1)]
+    row = math.prod(shape[1:]) * itemsize
+    step = max(1, max_bytes // max(row, 1))
+    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+
+def _our_index(e: Entry, layer: int, start: int, stop: int, ndim: int) -> tuple[slice, ...]:
+    index = [slice(None)] * ndim
+    if ndim:
+        index[_HF_ROW_AXIS[e.kind]] = slice(start, stop)
+    return (slice(layer, layer + 1), *index) if e.layers else tuple(index)
+
+
+def blocks_from_hf(
+    e: Entry, tensors: Mapping, max_bytes: int, itemsize: int = 4,
+    on_tensor: Callable[[str], None] | None = None,
+) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """Yields (index into our parameter, values) covering parameter `e`, reading at most
+    ~max_bytes (at `itemsize` bytes per value) of one HF tensor at a time.
+
+    `tensors` maps HF keys to arrays or lazy tensors sliceable by rows (`t[a:b]`). Blocks of a
+    stacked parameter keep a leading layer axis of 1, so every block of one parameter has the
+    same shape except at the end of an axis. `on_tensor(key)` runs after each HF tensor.
+    """
+    for layer, key in enumerate(e.hf_keys()):
+        t = tensors[key]
+        shape = tuple(t.shape)
+        for start, stop in row_ranges(shape, itemsize, max_bytes):
+            x = _to_ours(e.kind, np.asarray(t[start:stop] if shape else t))
+            yield _our_index(e, layer, start, stop, len(shape)), (x[None] if e.layers else x)
+        if on_tensor is not None:
+            on_tensor(key)
+
+
+def hf_blocks(
+    e: Entry, layer: int, read: Callable[[tuple[slice, ...]], np.ndarray],
+    hf_shape: tuple[int, ...], max_bytes: int, itemsize: int = 4,
+) -> Iterator[np.ndarray]:
+    """Row blocks (HF layout, contiguous) of the HF tensor `e.hf_keys()[layer]`, each read from
+    our parameter by `read(index)` (e.g. a TensorStore slice) at most ~max_bytes at a time."""
+    for start, stop in row_ranges(hf_shape, itemsize, max_bytes):
+        x = np.asarray(read(_our_index(e, layer, start, stop, len(hf_shape))))
+        yield np.ascontiguousarray(_to_hf(e.kind, x[0] if e.layers else x))
+
+
+# --- Other key layouts ------------------------------------------------------------------------
+# LLaDA-8B-Instruct's original (OLMo-style) names -> the HF-port names (DESIGN.md 1.5).
+_OLMO_BLOCK = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj", "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+    "ff_out": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ff_norm": "post_attention_layernorm",
+}
+_OLMO_TOP = {
+    "model.transformer.wte.weight": "model.embed_tokens.weight",
+    "model.transformer.ln_f.weight": "model.norm.weight",
+    "model.transformer.ff_out.weight": "lm_head.weight",
+}
+_HF_PORT = re.compile(
+    r"^(model\.(embed_tokens|norm)\.weight|lm_head\.weight|model\.layers\.\d+\..+)$"
+)
+_OLMO = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(\w+)\.weight$")
+
+
+def llada_key(key: str) -> str | None:
+    """A LLaDA-8B checkpoint key (original OLMo-style or HF-port) -> the HF-port key; None if
+    it is neither."""
+    if key in _OLMO_TOP:
+        return _OLMO_TOP[key]
+    m = _OLMO.match(key)
+    if m:
+        part = _OLMO_BLOCK.get(m.group(2))
+        return None if part is None else f"{LLM_PREFIX}layers.{m.group(1)}.{part}.weight"
+    return key if _HF_PORT.match(key) else None
+
+
+# Stored in a full SigLIP(2) checkpoint, never part of the vision tower.
+SIGLIP_OTHER = ("text_model.", "logit_scale", "logit_bias")
+
+
+def siglip_key(key: str) -> str | None:
+    """A SigLIP/SigLIP2 HF key (`vision_model.` prefix or none, as transformers 5 saves a
+    SiglipVisionModel) -> the official LLaDA-V key; None for the text tower and logit scales."""
+    if key.startswith(SIGLIP_OTHER):
+        return None
+    return VISION_PREFIX + key.removeprefix("vision_model.")
+
