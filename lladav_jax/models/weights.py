@@ -214,10 +214,11 @@ def load_hf(model, state_dict: Mapping[str, np.ndarray], entries: list[Entry], c
     state = nnx.state(model, nnx.Param)
     current = nnx.to_pure_dict(state)
     pure = from_hf(state_dict, current, entries, cfg)
-    # Own copies in the parameter dtype, placed like the parameters they replace (the source
-    # arrays may be memory-mapped or shared with torch tensors).
+    # Own copies in the parameter dtype, placed like the parameters they replace: the source
+    # arrays may be memory-mapped or shared with torch tensors, and on the CPU device_put may
+    # alias a numpy buffer instead of copying it.
     pure = jax.tree.map(
-        lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), pure, current
+        lambda new, old: jax.device_put(np.array(new, old.dtype), old.sharding), pure, current
     )
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)

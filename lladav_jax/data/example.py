@@ -1,0 +1,73 @@
+"""What flows through the data pipeline, stage by stage.
+
+    source  -> RawSample   {"id", "conversations", "images": [bytes | path]}   (LLaVA format)
+    featurize -> Example   tokens, targets, processed images at their placeholder starts
+    batch   -> dict of fixed-shape arrays (see `BATCH_KEYS`), one row per sequence
+
+A sample that cannot be used becomes a `Skip` with a reason from `SKIP_REASONS`; the pipeline
+counts skips by reason instead of dying, and the counts travel with the batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from lladav_jax.data.image import ProcessedImage
+
+# A raw sample, as every source yields it: the LLaVA JSON fields, with `images` holding encoded
+# image bytes (ArrayRecord, TFDS) or file paths (JSON + image folder), in `<image>` order.
+RawSample = dict[str, Any]
+
+SKIP_REASONS = (
+    "missing_image",  # the file is not there
+    "corrupt_image",  # it cannot be decoded
+    "image_tag_mismatch",  # more or fewer `<image>` tags than images
+    "empty_conversation",  # no turns, or no assistant answer to learn from
+    "malformed",  # not the LLaVA format (missing fields, wrong roles or types)
+    "too_long",  # longer than the sequence length and not truncatable without cutting a target
+    "too_many_visual",  # more tiles or visual tokens than the fixed shapes hold
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A sample left out, and why; `detail` names the file or field at fault."""
+
+    reason: str
+    sample_id: str
+    detail: str = ""
+
+    def __post_init__(self):
+        if self.reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {self.reason!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Example:
+    """One tokenized sample (variable length).
+
+    tokens int32 [n]; targets bool [n]: the positions the objective may mask and predict;
+    images[k] occupies tokens[image_starts[k] : image_starts[k] + images[k].layout.num_tokens]
+    (placeholder ids there are overwritten by visual features in the model).
+    """
+
+    sample_id: str
+    tokens: np.ndarray
+    targets: np.ndarray
+    images: tuple[ProcessedImage, ...] = ()
+    image_starts: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+# The arrays of a batch. Model inputs: tokens, positions, segment_ids, pixels, visual_pos,
+# visual_src, visual_w (see `LLaDAV.__call__`). For the objective: targets. Segment ids are
+# 1, 2, ... per packed sample and 0 for padding; positions restart at 0 in every segment.
+BATCH_KEYS = (
+    "tokens", "targets", "positions", "segment_ids",
+    "pixels", "visual_pos", "visual_src", "visual_w",
+)  # fmt: skip
