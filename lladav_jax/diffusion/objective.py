@@ -1,0 +1,76 @@
+"""The masked-diffusion objective of LLaDA / LLaDA-V in its SFT form (DESIGN.md 2.2), pure.
+
+Per sample: t ~ U(0, 1), p_mask = (1 - eps) t + eps; every target position is replaced by the
+mask token with probability p_mask (other positions never are). The loss is
+
+    sum over masked positions of CE(logits_i, token_i) / p_mask / L_ans,  averaged over samples,
+
+with L_ans the sample's number of target positions, and no logit shift (position i predicts
+token i). A packed row holds several samples (segments): each gets its own t and L_ans.
+Sums and sample counts are returned apart, so that gradient accumulation and any number of
+devices divide by the same global count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-3
+
+
+def segment_values(per_segment: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B, L] values indexed by segment id (per_segment is [B, L]; id 0 = padding)."""
+    return jnp.take_along_axis(per_segment, segment_ids, axis=1)
+
+
+def segment_counts(mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B, L] per-segment number of True positions of `mask` (index = segment id)."""
+    b, n = mask.shape
+    return jnp.zeros((b, n), jnp.int32).at[jnp.arange(b)[:, None], segment_ids].add(
+        mask.astype(jnp.int32)
+    )
+
+
+def forward_mask(
+    rng: jax.Array,
+    tokens: jax.Array,
+    targets: jax.Array,
+    segment_ids: jax.Array,
+    mask_id: int,
+    eps: float = EPS,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The forward process. Returns (noisy tokens, masked [B, L] bool, p_mask [B, L])."""
+    t_rng, m_rng = jax.random.split(rng)
+    t = jax.random.uniform(t_rng, tokens.shape)  # one t per (row, segment id)
+    p_mask = segment_values((1.0 - eps) * t + eps, segment_ids)
+    masked = targets & (jax.random.uniform(m_rng, tokens.shape) < p_mask)
+    return jnp.where(masked, mask_id, tokens), masked, p_mask
+
+
+def loss_terms(
+    logits: jax.Array,
+    tokens: jax.Array,
+    masked: jax.Array,
+    p_mask: jax.Array,
+    targets: jax.Array,
+    segment_ids: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """(sum over samples of each sample's loss, number of samples with targets).
+
+    loss = first / second. Cross-entropy in float32 whatever the compute dtype.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    l_ans = segment_values(segment_counts(targets, segment_ids), segment_ids)
+    weight = jnp.where(masked, 1.0 / (p_mask * jnp.maximum(l_ans, 1)), 0.0)
+    per_segment = segment_counts(targets, segment_ids).at[:, 0].set(0)  # id 0 is padding
+    return jnp.sum(ce * weight), jnp.sum(per_segment > 0).astype(jnp.float32)
+
+
+def masked_accuracy_terms(
+    logits: jax.Array, tokens: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(correct argmax predictions, count) over `positions` [B, L] bool."""
+    hit = (jnp.argmax(logits, axis=-1) == tokens) & positions
+    return jnp.sum(hit).astype(jnp.float32), jnp.sum(positions).astype(jnp.float32)
