@@ -1,0 +1,92 @@
+"""The compiled train step: masked-diffusion loss, accumulated over micro-batches, one update.
+
+Parameters are split in two nnx states: `trainable` (differentiated, updated, donated) and
+`frozen` (read only). Loss sums and sample counts are accumulated separately and divided once,
+so one device or many, one micro-batch or several, all give the same normalisation.
+A step whose loss or gradient is not finite changes nothing and says so (`skipped`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lladav_jax.diffusion import objective
+
+MODEL_KEYS = ("tokens", "positions", "segment_ids", "pixels", "visual_pos", "visual_src",
+              "visual_w")  # fmt: skip
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def micro_loss(graphdef, trainable, frozen, batch: dict, rng: jax.Array, mask_id: int):
+    """(loss sum, sample count, masked-token count) of one micro-batch."""
+    model = nnx.merge(graphdef, trainable, frozen)
+    noisy, masked, p_mask = objective.forward_mask(
+        rng, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id
+    )
+    inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    logits = model(**{**inputs, "tokens": noisy})
+    total, count = objective.loss_terms(
+        logits, batch["tokens"], masked, p_mask, batch["targets"], batch["segment_ids"]
+    )
+    return total, (count, jnp.sum(masked))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, mask_id: int) -> Callable:
+    """step(state, frozen, batch) -> (state, metrics); batch arrays are [accum, micro, ...]."""
+
+    def step(state: TrainState, frozen: nnx.State, batch: dict):
+        rng, step_rng = jax.random.split(state.rng)
+        grad_fn = jax.value_and_grad(micro_loss, argnums=1, has_aux=True)
+
+        def accumulate(carry, xs):
+            micro, k = xs
+            (total, (count, n_masked)), grads = grad_fn(
+                graphdef, state.trainable, frozen, micro, k, mask_id
+            )
+            acc_grads, acc_total, acc_count, acc_masked = carry
+            acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+            return (acc_grads, acc_total + total, acc_count + count, acc_masked + n_masked), None
+
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.int32(0))
+        keys = jax.random.split(step_rng, accum)
+        (grads, total, count, n_masked), _ = jax.lax.scan(accumulate, init, (batch, keys))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss = total / count
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            trainable=keep(trainable, state.trainable),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=rng,
+        )
+        metrics = dict(loss=loss, grad_norm=grad_norm, samples=count, masked_tokens=n_masked,
+                       skipped=~ok)
+        return new_state, metrics
+
+    return step
+
+
+def split_accum(batch: dict, accum: int) -> dict:
+    """[accum * micro, ...] -> [accum, micro, ...] for every array of a batch."""
+    return jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
