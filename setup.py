@@ -17,21 +17,30 @@ setup(
     install_requires=[
         "jax>=0.10",
         "flax>=0.12.8",
+        "orbax-checkpoint>=0.12",
+        "optax>=0.2.4",
+        "grain>=0.2.12",
+        "array-record>=0.5",
+        "absl-py>=2",
         "ml-collections>=1.0",
         "numpy>=1.26",
         "pillow>=10",
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        "tqdm>=4.60",
     ],
     extras_require={
         "torch": [TORCH, "transformers>=5.0,<6"],
-        "test": [TORCH, "transformers>=5.0,<6", "pytest>=8", "ruff>=0.6"],
+        "tfds": ["tensorflow-datasets>=4.9.9"],  # reads and builds without TensorFlow
+        "test": [TORCH, "transformers>=5.0,<6", "pytest>=8", "ruff>=0.6",
+                 "tensorflow-datasets>=4.9.9"],
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
     },
     entry_points={
         "console_scripts": [
             "lladav-convert=lladav_jax.convert:main",
+            "lladav-data=lladav_jax.data.cli:main",
         ]
     },
 )

@@ -19,6 +19,9 @@ from lladav_jax.data.image import ProcessedImage
 
 # A raw sample, as every source yields it: the LLaVA JSON fields, with `images` holding encoded
 # image bytes (ArrayRecord, TFDS) or file paths (JSON + image folder), in `<image>` order.
+# Sources never raise on bad data; they mark it for the featurizer to skip and count:
+# `_error` ("malformed: <what>") for an unreadable sample, `_missing_images` (indices into
+# `images`) for image files missing when the sample was packed. `_source` names the source.
 RawSample = dict[str, Any]
 
 SKIP_REASONS = (

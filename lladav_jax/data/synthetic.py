@@ -1,0 +1,234 @@
+"""The built-in synthetic data set: Pillow drawings of shapes with short questions and answers.
+
+Every sample is a pure function of (seed, split, index): an image of 60-300 px per side (so the
+AnyRes grids vary), one question of four types with a one-word answer, balanced over answers:
+
+    color     "What color is the shape?"    -> red | green | blue | yellow | purple | orange
+    shape     "What shape is this?"         -> circle | square | triangle
+    count     "How many shapes are there?"  -> one | two | three | four
+    position  "Where is the red circle?"    -> left | right | top | bottom
+
+`train` and `test` draw from different random streams, so the held-out split never repeats a
+training sample. `kind="caption"` gives the same images with captions (for the `plain` stage).
+
+    source = SyntheticSource(1000, split="train")   # a Grain random-access data source
+    write_llava_json("data/train.json", "data/images", 1000, split="train")
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 190),
+    "orange": (245, 140, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = ("one", "two", "three", "four")
+POSITIONS = ("left", "right", "top", "bottom")
+QUESTION_TYPES = ("color", "shape", "count", "position")
+ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS}
+QUESTIONS = {
+    "color": ("What color is the shape?", "Which color is the {shape}?"),
+    "shape": ("What shape is this?", "What shape is the {color} object?"),
+    "count": ("How many shapes are there?", "How many shapes can you see?"),
+    "position": (
+        "Where is the {color} {shape}?",
+        "Is the {color} {shape} left, right, top or bottom?",
+    ),
+}
+CAPTION_PROMPT = "Describe the image."
+SPLITS = {"train": 0, "test": 1}  # part of the random key: the splits never share a stream
+KINDS = ("qa", "caption")
+MIN_SIDE, MAX_SIDE = 60, 300
+
+
+def chance_accuracy(question_type: str) -> float:
+    """Exact-match accuracy of guessing (answers are balanced, so also of the majority answer)."""
+    return 1.0 / len(ANSWERS[question_type])
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy: float, r: float):
+    box = (cx - r, cy - r, cx + r, cy + r)
+    fill = COLORS[color]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _scene(rng: np.random.Generator, qtype: str, answer: str):
+    """(width, height, background, shapes [(shape, color, cx, cy, r)]) for one question."""
+    w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+    background = tuple(int(v) for v in rng.integers(225, 256, size=3))
+    m = min(w, h)
+    if qtype == "count":
+        # One shape per quadrant, so shapes never overlap.
+        cells = rng.permutation(4)[: COUNTS.index(answer) + 1]
+        cw, ch = w / 2, h / 2
+        shapes = []
+        for cell in sorted(int(c) for c in cells):
+            r = rng.uniform(0.25, 0.35) * min(cw, ch)
+            cx = (cell % 2) * cw + rng.uniform(r, cw - r)
+            cy = (cell // 2) * ch + rng.uniform(r, ch - r)
+            shapes.append((_pick(rng, SHAPES), _pick(rng, tuple(COLORS)), cx, cy, r))
+        return w, h, background, shapes
+    shape = answer if qtype == "shape" else _pick(rng, SHAPES)
+    color = answer if qtype == "color" else _pick(rng, tuple(COLORS))
+    if qtype == "position":
+        # Centre of the named third, a little jitter along the other axis.
+        r = rng.uniform(0.10, 0.14) * m
+        along = {"left": (w / 6, h / 2), "right": (5 * w / 6, h / 2)}
+        along |= {"top": (w / 2, h / 6), "bottom": (w / 2, 5 * h / 6)}
+        cx, cy = along[answer]
+        jitter = rng.uniform(-0.1, 0.1) * m
+        cx, cy = (cx, cy + jitter) if answer in ("left", "right") else (cx + jitter, cy)
+    else:
+        r = rng.uniform(0.2, 0.3) * m
+        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    return w, h, background, [(shape, color, cx, cy, r)]
+
+
+def render(w: int, h: int, background, shapes) -> Image.Image:
+    image = Image.new("RGB", (w, h), background)
+    draw = ImageDraw.Draw(image)
+    for shape, color, cx, cy, r in shapes:
+        _draw(draw, shape, color, cx, cy, r)
+    return image
+
+
+def caption(shapes) -> str:
+    return " and ".join(f"a {color} {shape}" for shape, color, *_ in shapes)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_sample(
+    index: int, split: str = "train", seed: int = 0, kind: str = "qa"
+) -> dict[str, Any]:
+    """One sample: a RawSample with PNG bytes in `images`, plus `question_type` and `answer`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    rng = _rng(seed, split, index)
+    # Question type and answer cycle with the index: every answer equally often.
+    n_types = len(QUESTION_TYPES)
+    qtype = QUESTION_TYPES[index % n_types]
+    answers = ANSWERS[qtype]
+    answer = answers[(index // n_types) % len(answers)]
+    w, h, background, shapes = _scene(rng, qtype, answer)
+    shape, color = shapes[0][:2]
+    question = _pick(rng, QUESTIONS[qtype]).format(shape=shape, color=color)
+    sample_id = f"synthetic-{split}-{seed}-{index:07d}"
+    if kind == "caption":
+        question, answer, qtype = CAPTION_PROMPT, caption(shapes), "caption"
+    return {
+        "id": sample_id,
+        "image": f"{sample_id}.png",
+        "images": [png_bytes(render(w, h, background, shapes))],
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "question_type": qtype,
+        "answer": answer,
+    }
+
+
+class SyntheticSource:
+    """Random-access source (`len`, `[i]`) of `n` samples; usable as a Grain data source."""
+
+    def __init__(self, n: int, split: str = "train", seed: int = 0, kind: str = "qa"):
+        _rng(seed, split, 0)  # validates split
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.n, self.split, self.seed, self.kind = int(n), split, int(seed), kind
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self!r}")
+        return make_sample(index, self.split, self.seed, self.kind)
+
+    def __repr__(self) -> str:
+        args = f"n={self.n}, split={self.split!r}, seed={self.seed}, kind={self.kind!r}"
+        return f"SyntheticSource({args})"
+
+
+def write_llava_json(
+    path: str | os.PathLike,
+    image_folder: str | os.PathLike,
+    n: int,
+    split: str = "train",
+    *,
+    seed: int = 0,
+    kind: str = "qa",
+) -> str:
+    """Writes the same samples as LLaVA JSON (or JSONL if `path` ends in .jsonl) + PNG files.
+
+    Image names in the JSON are relative to `image_folder`. Returns the JSON path.
+    """
+    path, image_folder = os.fspath(path), os.fspath(image_folder)
+    os.makedirs(image_folder, exist_ok=True)
+    rows = []
+    source = SyntheticSource(n, split, seed, kind)
+    for sample in (source[i] for i in range(len(source))):
+        with open(os.path.join(image_folder, sample["image"]), "wb") as f:
+            f.write(sample.pop("images")[0])
+        rows.append(sample)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        else:
+            json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def corpus() -> list[str]:
+    """Every text the data set produces, as the chat template splits it (for the demo BPE)."""
+    texts = [f"\n{CAPTION_PROMPT}"]
+    for qtype in QUESTION_TYPES:
+        for pattern in QUESTIONS[qtype]:
+            for shape in SHAPES:
+                for color in COLORS:
+                    texts.append("\n" + pattern.format(shape=shape, color=color))
+        texts += [f"\n\n{answer}" for answer in ANSWERS[qtype]]
+    # Captions: every "a {color} {shape}" phrase, first and later in a caption.
+    for shape in SHAPES:
+        for color in COLORS:
+            phrase = f"a {color} {shape}"
+            texts += [f"\n\n{phrase}", f"{phrase}\n", f"{phrase} and {phrase}"]
+    return texts
