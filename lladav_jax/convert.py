@@ -343,10 +343,9 @@ def export_hf(
     """A model directory -> the official layout: safetensors shards of ~shard_bytes with
     `model.safetensors.index.json`, `config.json` (llava_llada) and the tokenizer files."""
     out_dtype = safetensors_io.DTYPES[safetensors_io.dtype_code(_float_dtype(dtype))]
-    src = modeldir.resolve(ckpt)
-    cfg = modeldir.load_config(src)
-    modeldir.check_params(src, cfg)
-    stored = modeldir.open_params(src)
+    cfg = modeldir.load_config(ckpt)
+    modeldir.check_params(ckpt, cfg)
+    stored = modeldir.open_params(ckpt)
     entries = weights.lladav_entries(cfg)
     shapes = weights.expected_hf_shapes(entries, _abstract(cfg))
     itemsize = max(max(p.dtype.itemsize for p in stored.values()), 4)
@@ -368,7 +367,7 @@ def export_hf(
     with bar, modeldir.atomic_dir(out) as tmp:
         safetensors_io.write_sharded(tmp, tensors, shard_bytes, on_tensor=lambda _: bar.update())
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
-        modeldir.copy_tokenizer(src, tmp)
+        modeldir.copy_tokenizer(modeldir.resolve(ckpt).tokenizer_dir, tmp)
     return pathlib.Path(out)
 
 

@@ -172,19 +172,47 @@ def save_model_dir(
     return path
 
 
-def resolve(path: str | os.PathLike) -> pathlib.Path:
-    """The model directory a `--ckpt` argument names. Today: a model directory itself.
-    (Training workdirs and step directories are resolved here once they exist.)"""
+CHECKPOINTS_DIR = "checkpoints"  # training workdir: WORKDIR/checkpoints/<step>/params
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPaths:
+    """Where a model's config, parameters and tokenizer files are."""
+
+    config: pathlib.Path
+    params: pathlib.Path
+    tokenizer_dir: pathlib.Path
+
+
+def latest_step_dir(workdir: str | os.PathLike) -> pathlib.Path | None:
+    """The newest complete step directory of a training workdir (None if it has none)."""
+    root = pathlib.Path(workdir) / CHECKPOINTS_DIR
+    steps = [d for d in root.iterdir() if d.name.isdigit() and (d / PARAMS_DIR).is_dir()] if (
+        root.is_dir()) else []
+    return max(steps, key=lambda d: int(d.name)) if steps else None
+
+
+def resolve(path: str | os.PathLike) -> ModelPaths:
+    """What a `--ckpt` names: a model directory, a training workdir (its latest checkpoint), or
+    one step directory of a workdir (WORKDIR/checkpoints/STEP)."""
     path = pathlib.Path(path)
     if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
-        return path
+        return ModelPaths(path / CONFIG_FILE, path / PARAMS_DIR, path)
+    if (path / PARAMS_DIR).is_dir() and path.parent.name == CHECKPOINTS_DIR:
+        workdir = path.parent.parent
+        if (workdir / CONFIG_FILE).is_file():
+            return ModelPaths(workdir / CONFIG_FILE, path / PARAMS_DIR, workdir)
+    if (path / CONFIG_FILE).is_file() and (step := latest_step_dir(path)) is not None:
+        return ModelPaths(path / CONFIG_FILE, step / PARAMS_DIR, path)
     raise ModelDirError(
-        f"{path} is not a model directory: expected {CONFIG_FILE} and {PARAMS_DIR}/ in it"
+        f"{path} is not a model directory ({CONFIG_FILE} and {PARAMS_DIR}/), a training workdir "
+        f"with a checkpoint ({CONFIG_FILE} and {CHECKPOINTS_DIR}/STEP/{PARAMS_DIR}/), or a step "
+        "directory of one"
     )
 
 
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(json.loads((resolve(path) / CONFIG_FILE).read_text()))
+    return ml_collections.ConfigDict(json.loads(resolve(path).config.read_text()))
 
 
 def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
@@ -197,9 +225,9 @@ def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], 
     return out
 
 
-def _stored_metadata(path: pathlib.Path) -> dict[tuple[str, ...], object]:
+def _stored_metadata(params_dir: pathlib.Path) -> dict[tuple[str, ...], object]:
     with ocp.PyTreeCheckpointer() as ckptr:
-        return _flat(ckptr.metadata(path / PARAMS_DIR).item_metadata.tree)
+        return _flat(ckptr.metadata(params_dir).item_metadata.tree)
 
 
 def _abstract_params(cfg) -> dict:
@@ -208,8 +236,8 @@ def _abstract_params(cfg) -> dict:
 
 def check_params(path: str | os.PathLike, cfg) -> None:
     """One error naming every parameter missing, unexpected or mis-shaped against the config."""
-    path = resolve(path)
-    stored = _stored_metadata(path)
+    params_dir = resolve(path).params
+    stored = _stored_metadata(params_dir)
     wanted = _flat(_abstract_params(cfg))
     name = ".".join
     problems = [f"missing: {name(k)}" for k in wanted if k not in stored]
@@ -219,7 +247,7 @@ def check_params(path: str | os.PathLike, cfg) -> None:
         for k in wanted if k in stored and tuple(stored[k].shape) != tuple(wanted[k].shape)
     ]
     if problems:
-        raise ModelDirError(f"{path}/{PARAMS_DIR} does not match {CONFIG_FILE}:\n  "
+        raise ModelDirError(f"{params_dir} does not match its {CONFIG_FILE}:\n  "
                             + "\n  ".join(problems))
 
 
@@ -232,7 +260,6 @@ def load_params(
 ) -> dict:
     """The pure parameter dict as jax arrays in the config's `param_dtype` (cast on read).
     With a mesh every array is restored directly into its shards (logical axes -> `rules`)."""
-    path = resolve(path)
     cfg = load_config(path) if cfg is None else cfg
     check_params(path, cfg)
     state = nnx.state(lladav.abstract(cfg), nnx.Param)
@@ -244,7 +271,7 @@ def load_params(
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nnx.to_pure_dict(state), shardings)
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path / PARAMS_DIR, target)
+        return ckptr.restore(resolve(path).params, target)
 
 
 def load_model(
@@ -278,13 +305,12 @@ class StoredParam:
 def open_params(path: str | os.PathLike) -> dict[tuple[str, ...], StoredParam]:
     """Every stored parameter by its path in the parameter tree, opened for slice reads
     (how an exporter streams a model larger than memory)."""
-    path = resolve(path)
-    params = epath.Path(path / PARAMS_DIR)
+    params = epath.Path(resolve(path).params)
     meta = json.loads((params / "_METADATA").read_text()) if (params / "_METADATA").exists() else {}
     ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(params)
     context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
     out = {}
-    for key, m in _stored_metadata(path).items():
+    for key, m in _stored_metadata(pathlib.Path(params)).items():
         info = ocp.type_handlers.ParamInfo(
             name=m.name, parent_dir=params, is_ocdbt_checkpoint=ocdbt,
             use_zarr3=bool(meta.get("use_zarr3", False)), ts_context=context,
