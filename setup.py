@@ -28,6 +28,8 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tqdm>=4.60",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "torch": [TORCH, "transformers>=5.0,<6"],
@@ -39,6 +41,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "lladav-train=lladav_jax.train.cli:main",
             "lladav-convert=lladav_jax.convert:main",
             "lladav-data=lladav_jax.data.cli:main",
         ]

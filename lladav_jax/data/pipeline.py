@@ -245,7 +245,9 @@ def make_dataset(
         buckets=length_buckets(data) if data.group_by_length else (),
     )
     windows = ds.batch(data.window, batch_fn=list).map_with_index(to_batches)
-    it = windows.to_iter_dataset()
+    # An element is a whole window: Grain's default read-ahead (16 threads, 500 elements) would
+    # featurize dozens of windows at once. Parallelism comes from worker processes instead.
+    it = windows.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if data.num_workers > 0:
         # Grain's worker processes read absl flags; programs that never parse them (ours,
         # notebooks) would fail there. Defaults are what we want.

@@ -78,7 +78,7 @@ def model_config(name: str = "tiny") -> ml_collections.ConfigDict:
         image = _image(max_tiles=10, max_visual_tokens=3200)
     elif name == "tiny":
         text = _text(
-            vocab_size=2048,
+            vocab_size=512,  # the demo tokenizer has 480 tokens
             hidden_size=64,
             num_layers=2,
             num_heads=4,

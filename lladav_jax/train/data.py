@@ -1,0 +1,70 @@
+"""From the `data` settings to a source, a featurizer and the per-process batch iterator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lladav_jax.data import pipeline
+from lladav_jax.data.featurize import Featurizer
+from lladav_jax.data.synthetic import SyntheticSource
+from lladav_jax.data.tokenizer import Tokenizer, build_demo_tokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    return Tokenizer.load(path) if path else build_demo_tokenizer()
+
+
+def _one_source(kind: str, spec, seed: int) -> Any:
+    if kind == "synthetic":
+        return SyntheticSource(spec.get("size", 4096), split="train", seed=seed)
+    if not spec.get("path"):
+        raise ValueError(f"data source {kind!r} needs a path (--config.data.path=...)")
+    if kind == "llava_json":
+        from lladav_jax.data.sources import LlavaJsonSource
+
+        return LlavaJsonSource(spec["path"], spec.get("image_folder") or None)
+    if kind == "array_record":
+        from lladav_jax.data.records import ArrayRecordSource
+
+        return ArrayRecordSource(spec["path"])
+    if kind == "tfds":
+        from lladav_jax.data.tfds_llava import TfdsSource
+
+        return TfdsSource(spec["path"], spec.get("split", "train"))
+    raise ValueError(f"unknown data source {kind!r}: synthetic, llava_json, array_record, "
+                     "tfds or mixture")
+
+
+def make_source(data) -> Any:
+    """The random-access source the `data` settings name."""
+    if data.source != "mixture":
+        return _one_source(data.source, data, data.seed)
+    from lladav_jax.data.sources import Mixture
+
+    parts = list(data.mixture)
+    if not parts:
+        raise ValueError("data.source=mixture needs data.mixture: [{source, path, weight}, ...]")
+    sources = [_one_source(p["source"], p, data.seed) for p in parts]
+    return Mixture(sources, [float(p["weight"]) for p in parts], seed=data.seed,
+                   names=[p.get("name") or p.get("path") or p["source"] for p in parts])
+
+
+def make_featurizer(config, tokenizer: Tokenizer) -> Featurizer:
+    d = config.data
+    return Featurizer(config.model, tokenizer, template=d.template, seq_len=d.seq_len,
+                      system=d.system_prompt, overlong=d.overlong)
+
+
+def make_batches(config, tokenizer: Tokenizer, process_index: int, process_count: int):
+    """(per-process batch iterator, source length). Batches hold the per-process share."""
+    d = config.data
+    if d.batch_size % process_count:
+        raise ValueError(f"data.batch_size {d.batch_size} does not split over "
+                         f"{process_count} processes")
+    local = d.copy_and_resolve_references()
+    local.batch_size = d.batch_size // process_count
+    source = make_source(d)
+    ds = pipeline.make_dataset(source, make_featurizer(config, tokenizer), config.model, local,
+                               pad_id=tokenizer.pad_id, process_index=process_index,
+                               process_count=process_count)
+    return ds, len(source)

@@ -1,0 +1,92 @@
+"""Every training setting with its default; the files in `configs/` start from here.
+
+    lladav-train --config configs/demo.py --workdir /tmp/lladav-demo --config.train.steps=50
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT
+from lladav_jax.models.variants import model_config
+
+
+def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = model_config(variant)
+    # tokenizer.json (or its directory); "" = the built-in demo tokenizer (small models only).
+    c.tokenizer = ""
+    # Where the weights start: a model directory (lladav-convert output), a training workdir
+    # (its latest checkpoint) or one step directory; "" = random initialisation.
+    c.init_from = ""
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(dict(
+        # synthetic | llava_json | array_record | tfds | mixture
+        source="synthetic",
+        path="",  # LLaVA JSON/JSONL (llava_json), shard folder or glob (array_record),
+        image_folder="",  # TFDS directory (tfds)
+        split="train",  # tfds split
+        mixture=[],  # for `mixture`: dicts of source, path, image_folder, split, weight
+        size=4096,  # synthetic: samples in the train split
+        eval_size=256,  # synthetic: held-out samples scored at the end
+        template="llava_llada",  # or plain (stage 1)
+        system_prompt=DEFAULT_SYSTEM_PROMPT,
+        overlong="drop",  # or truncate (after a whole answer, never inside one)
+        seq_len=256,
+        batch_size=16,  # global, split over processes, then over grad_accum micro-batches
+        num_epochs=1,
+        window=256,  # samples featurized together for packing / length grouping
+        pack=False,
+        group_by_length=True,
+        length_buckets=(),  # batch lengths (default: seq_len / 4, / 2, seq_len)
+        num_workers=0,  # Grain worker processes per host
+        max_skip_fraction=0.1,
+        min_seen_for_abort=500,
+        seed=0,
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=dict(vision=2e-6, connector=1e-5, llm=1e-5),  # 0 freezes a part
+        warmup_ratio=0.03,
+        clip_norm=1.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=0,  # 0: num_epochs passes over the data
+        grad_accum=1,
+        log_every=10,
+        checkpoint_every=500,
+        keep_checkpoints=3,
+        async_checkpoints=True,
+        max_nonfinite_in_a_row=20,
+        peak_tflops_per_device=0.0,  # 0: known chips by name; the CPU is measured
+        progress_bar=True,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # auto: jax.distributed.initialize() when a cluster is detected (TPU pod, SLURM);
+    # explicit: the three fields below; off: one process.
+    c.distributed = ml_collections.ConfigDict(dict(
+        mode="auto", coordinator="", num_processes=0, process_id=-1,
+    ))
+    return c
+
+
+def sft_8b() -> ml_collections.ConfigDict:
+    """Stages 2-3 (DESIGN.md 2.3): the 8b model, everything trains, vision 2e-6, rest 1e-5,
+    global batch 256, bf16, gradient checkpointing, cosine with 3% warmup, one epoch."""
+    c = base_config("8b")
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "full"
+    c.data.source = "array_record"
+    c.data.seq_len = 8192
+    c.data.batch_size = 256
+    c.data.window = 2048
+    c.data.num_workers = 8
+    c.data.overlong = "truncate"
+    c.optim.lr = dict(vision=2e-6, connector=1e-5, llm=1e-5)
+    c.train.log_every = 10
+    c.train.checkpoint_every = 1000
+    return c

@@ -1,0 +1,134 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, a loss curve, and MFU.
+
+Model FLOPs per step: 6 x (matmul parameters) per token, plus attention 12 x layers x length x
+width per token (forward + backward). LLaDA's attention is bidirectional: every token attends to
+the whole sequence, so the attention FLOPs are NOT halved as for causal models.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from lladav_jax.models.siglip import num_kept_layers
+
+# Peak dense bf16 TFLOP/s per chip, by device kind substring.
+PEAK_TFLOPS = {"v6": 918.0, "v5p": 459.0, "v5 lite": 197.0, "v5e": 197.0, "v4": 275.0,
+               "h200": 989.0, "h100": 989.0, "a100": 312.0}  # fmt: skip
+
+
+def _text_matmul_params(t) -> int:
+    attn = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+    mlp = 3 * t.hidden_size * t.intermediate_size
+    return t.num_layers * (attn + mlp) + t.hidden_size * t.vocab_size  # + the head
+
+
+def _vision_matmul_params(cfg) -> int:
+    v = cfg.vision
+    per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    patch = 3 * v.patch_size**2 * v.hidden_size
+    connector = v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size**2
+    return num_kept_layers(v) * per_layer + patch + connector
+
+
+def flops_per_step(cfg, batch_shape: tuple[int, int], tiles: int) -> float:
+    """Training FLOPs of one step: `batch_shape` (rows, length) of text, `tiles` image tiles."""
+    rows, length = batch_shape
+    t, v = cfg.text, cfg.vision
+    tokens = rows * length
+    text = 6 * _text_matmul_params(t) * tokens
+    text += 12 * t.num_layers * length * t.num_heads * t.head_dim * tokens
+    p = (v.image_size // v.patch_size) ** 2
+    vision = 6 * _vision_matmul_params(cfg) * tiles * p
+    vision += 12 * num_kept_layers(v) * p * v.hidden_size * tiles * p
+    return float(text + vision)
+
+
+def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """This device's float32 matmul FLOP/s, measured (for the CPU, which has no datasheet)."""
+    x = jax.random.normal(jax.random.key(0), (size, size))
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        f(x).block_until_ready()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def peak_flops_per_device(configured_tflops: float = 0.0) -> float:
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    kind = jax.devices()[0].device_kind.lower()
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12
+    return measure_peak_flops()
+
+
+class MetricsWriter:
+    """metrics.jsonl rows (one per logged step) and TensorBoard scalars, written by process 0.
+
+    On resume, rows past the restored step are dropped first: a run that died between two
+    checkpoints repeats those steps, and the file must read as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            rows = [r for r in self.rows() if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+        except ImportError:  # optional: metrics.jsonl is the record
+            self.tb = None
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss(rows: list[dict], out: str | pathlib.Path, title: str = "") -> None:
+    """The loss curve (and learning rate) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in rows], label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked-diffusion loss")
+    ax.set_title(title)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["learning_rate"] for r in rows], color="tab:orange", alpha=0.5, label="lr")
+    ax2.set_ylabel("learning rate")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
