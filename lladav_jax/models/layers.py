@@ -124,3 +124,16 @@ def run_layers(layers: nnx.Module, x: jax.Array, policy: str, **kwargs) -> jax.A
 
     x, _ = jax.lax.scan(remat(body, policy), x, state)
     return x
+
+
+def run_layers_with_cache(layers: nnx.Module, x: jax.Array, cache, **kwargs):
+    """Like `run_layers` for inference, threading each layer's K/V cache through the scan:
+    cache is (K, V) stacked over layers; returns (x, updated cache)."""
+    graphdef, state = nnx.split(layers)
+
+    def body(h, xs):
+        layer_state, layer_cache = xs
+        h, new_cache = nnx.merge(graphdef, layer_state)(h, cache=layer_cache, **kwargs)
+        return h, new_cache
+
+    return jax.lax.scan(body, x, (state, cache))

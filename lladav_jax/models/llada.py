@@ -53,8 +53,19 @@ class Block(nnx.Module):
         self.down = linear(t.intermediate_size, d, ("mlp", "embed"), cfg, rngs)
 
     def __call__(
-        self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array
-    ) -> jax.Array:
+        self,
+        x: jax.Array,
+        *,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        start: jax.Array | int = 0,
+        kv_segment_ids: jax.Array | None = None,
+    ):
+        """x [B, n, D] -> [B, n, D]. With `cache` (K, V of the whole sequence, [B, L, Hkv, Dh]),
+        x is the chunk at `start`: its fresh K/V replace the cached ones there, it attends to
+        the whole sequence (`kv_segment_ids` [B, L]), and the updated cache is returned too."""
         b, n = x.shape[:2]
         h = self.attn_norm(x)
         q = self.q(h).reshape(b, n, self.num_heads, self.head_dim)
@@ -62,12 +73,18 @@ class Block(nnx.Module):
         v = self.v(h).reshape(b, n, self.num_kv_heads, self.head_dim)
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
-        out = attention(q, k, v, q_segment_ids=segment_ids, impl=self.attention_impl)
+        if cache is not None:
+            at = (0, start, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+        out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                        impl=self.attention_impl)
         out = checkpoint_name(out.reshape(b, n, -1), "attn_out")
         x = constrain(x + self.o(out), ACT)
         h = self.mlp_norm(x)
         h = constrain(jax.nn.silu(self.gate(h)) * self.up(h), ("batch", "length", "act_mlp"))
-        return constrain(x + self.down(h), ACT)
+        x = constrain(x + self.down(h), ACT)
+        return x if cache is None else (x, (k, v))
 
 
 class LLaDA(nnx.Module):
@@ -112,6 +129,32 @@ class LLaDA(nnx.Module):
             self.layers, x, self.remat_policy, cos=cos, sin=sin, segment_ids=segment_ids
         )
         return self.norm(x)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> tuple[jax.Array, jax.Array]:
+        """Zeroed K/V of every layer: two arrays [layers, B, L, kv_heads, head_dim]."""
+        k = self.layers.k.kernel
+        shape = (k.shape[0], batch, length, k.shape[2] // self.head_dim, self.head_dim)
+        zeros = jnp.zeros(shape, dtype or self.embed.dtype or jnp.float32)
+        return zeros, zeros
+
+    def cached_hidden_states(
+        self,
+        embeds: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: tuple[jax.Array, jax.Array],
+        start: jax.Array | int,
+        kv_segment_ids: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Final-norm hidden states of the chunk `embeds` [B, n, D] at sequence offset `start`,
+        attending to the whole sequence through `cache`; returns the updated cache too.
+        A chunk covering the whole sequence (start 0) computes a fresh cache."""
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+        x, cache = layers.run_layers_with_cache(
+            self.layers, constrain(embeds, ACT), cache, cos=cos, sin=sin,
+            segment_ids=segment_ids, start=start, kv_segment_ids=kv_segment_ids,
+        )
+        return self.norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return constrain(self.lm_head(hidden), ("batch", "length", "act_vocab"))

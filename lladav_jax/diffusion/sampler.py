@@ -1,0 +1,277 @@
+"""The LLaDA sampler (DESIGN.md 3.1) with Fast-dLLM's caches and parallel decoding (3.2).
+
+The answer region (gen_length mask tokens after the prompt) is decoded in blocks, left to
+right; each block gets steps / num_blocks steps. A step predicts every masked position of the
+block (argmax, with Gumbel noise when temperature > 0), scores it (its probability for
+`low_confidence`, a uniform draw for `random`) and commits the most confident ones: k per step,
+the block's masked count split evenly over its steps (remainder first), or, with a `threshold`,
+every position above it and at least one. LLaDA-V forbids EOS, BOS and the header tokens at
+masked positions, and a row is done once `<|eot_id|>` is committed with nothing masked before it.
+
+All of it is one jitted program: blocks in a loop, steps in a while loop that ends when the
+block is decoded or every row is done. Prompts are left-padded (padding is segment 0, invisible)
+with positions counted from each prompt's first token, so a row decodes as it would alone.
+
+Caches: `none` runs the whole sequence every step. `prefix` runs it once per block to cache
+every position's keys/values, then each step runs only the block and what follows it. `dual`
+runs only the block, the suffix's keys/values cached too (Fast-dLLM's approximation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.experimental import io_callback
+
+CACHES = ("none", "prefix", "dual")
+REMASKING = ("low_confidence", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    gen_length: int = 128
+    steps: int = 128
+    block_length: int = 128
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    cache: str = "none"
+    threshold: float | None = None
+
+    def __post_init__(self):
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking {self.remasking!r}: choose one of {REMASKING}")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache {self.cache!r}: choose one of {CACHES}")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length "
+                             f"{self.block_length}")
+        if self.steps % self.num_blocks:
+            raise ValueError(f"steps {self.steps} do not split over {self.num_blocks} blocks")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold {self.threshold} is not a probability")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    mask: int
+    eot: int
+    forbidden: tuple[int, ...]  # never predicted at a masked position
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> SpecialIds:
+        return cls(tok.mask_id, tok.eot_id,
+                   (tok.eos_id, tok.bos_id, tok.start_header_id, tok.end_header_id))
+
+
+def num_transfer_tokens(masked_count: jax.Array, steps: int) -> jax.Array:
+    """[B] masked positions of a block -> [B, steps] commits per step, remainder first."""
+    base, rem = masked_count // steps, masked_count % steps
+    return base[:, None] + (jnp.arange(steps)[None] < rem[:, None]).astype(jnp.int32)
+
+
+def gumbel_argmax(logits: jax.Array, temperature: float, rng: jax.Array) -> jax.Array:
+    """LLaDA's sampling: argmax of exp(logits) / (-log u)^T (plain argmax at T = 0)."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    u = jax.random.uniform(rng, logits.shape, jnp.float32, minval=1e-20)
+    # Same argmax as exp(l) / g^T, in log space: no overflow in float32.
+    return jnp.argmax(logits - temperature * jnp.log(-jnp.log(u)), axis=-1)
+
+
+def select(confidence: jax.Array, k: jax.Array, threshold: float | None) -> jax.Array:
+    """Which positions to commit: the k most confident per row (k [B]); with a threshold,
+    the most confident one and every other above it. -inf never commits."""
+    order = jnp.argsort(-confidence, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    finite = confidence > -jnp.inf
+    if threshold is None:
+        return finite & (rank < k[:, None])
+    return finite & ((rank == 0) | (confidence >= threshold))
+
+
+def rows_done(gen: jax.Array, ids: SpecialIds) -> jax.Array:
+    """[B]: an <|eot_id|> was committed and nothing before the first one is still masked."""
+    is_eot = gen == ids.eot
+    first = jnp.argmax(is_eot, axis=-1)
+    before = jnp.arange(gen.shape[1])[None] < first[:, None]
+    return jnp.any(is_eot, axis=-1) & ~jnp.any(before & (gen == ids.mask), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    options: SamplerOptions
+    ids: SpecialIds
+    prompt_len: int
+
+
+def _block_logits(model, s: _Setup, embeds, positions, segments, cache, b, x, fresh: bool):
+    """Logits [B, block, V] of block `b`: by a full pass (no cache, or a block's first step,
+    which also fills the cache) or by a cached pass over the block (dual) or block + suffix
+    (prefix; `b` is a Python int there)."""
+    o, p = s.options, s.prompt_len
+    bl = o.block_length
+    start = p + b * bl
+    llm = model.llm
+    if o.cache == "none" or fresh:
+        if o.cache == "none":
+            h = llm.hidden_states(embeds(x), positions, segments)
+        else:
+            h, cache = llm.cached_hidden_states(embeds(x), positions, segments, cache, 0,
+                                                segments)
+        return llm.logits(jax.lax.dynamic_slice_in_dim(h, start, bl, axis=1)), cache
+    size = bl if o.cache == "dual" else x.shape[1] - start
+    chunk = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
+    h, _ = llm.cached_hidden_states(chunk(embeds(x)), chunk(positions), chunk(segments), cache,
+                                    start, segments)
+    return llm.logits(h[:, :bl]), cache
+
+
+def _step(model, s: _Setup, embeds, positions, segments, state, b, quota, fresh, rng):
+    """One denoising step of block `b`; state = (x, cache, committed_at, step, done)."""
+    o, ids = s.options, s.ids
+    x, cache, committed_at, step, done = state
+    bl, start = o.block_length, s.prompt_len + b * o.block_length
+    logits, cache = _block_logits(model, s, embeds, positions, segments, cache, b, x, fresh)
+    logits = logits.astype(jnp.float32)
+    if o.cfg_scale > 0:  # rows are [conditional; unconditional]
+        cond, uncond = jnp.split(logits, 2)
+        logits = uncond + (o.cfg_scale + 1.0) * (cond - uncond)
+    logits = logits.at[..., jnp.array(ids.forbidden)].set(-jnp.inf)
+    n = logits.shape[0]
+    xb = jax.lax.dynamic_slice_in_dim(x[:n], start, bl, axis=1)
+    masked = xb == ids.mask
+    noise_rng, rank_rng = jax.random.split(rng)
+    x0 = gumbel_argmax(logits, o.temperature, noise_rng)
+    if o.remasking == "low_confidence":
+        probs = jax.nn.softmax(logits, axis=-1)
+        score = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+    else:
+        score = jax.random.uniform(rank_rng, x0.shape)
+    confidence = jnp.where(masked, score, -jnp.inf)
+    commit = select(confidence, quota, o.threshold) & masked & ~done[:, None]
+    xb = jnp.where(commit, x0, xb)
+    at = jax.lax.dynamic_slice_in_dim(committed_at, b * bl, bl, axis=1)
+    committed_at = jax.lax.dynamic_update_slice_in_dim(
+        committed_at, jnp.where(commit, step, at), b * bl, axis=1)
+    x_cond = jax.lax.dynamic_update_slice_in_dim(x[:n], xb, start, axis=1)
+    x = jnp.concatenate([x_cond, x[n:]]) if o.cfg_scale > 0 else x_cond
+    done = done | rows_done(x_cond[:, s.prompt_len:], ids)
+    return x, cache, committed_at, step + 1, done
+
+
+def _decode_block(model, s, embeds, positions, segments, state, b, rng):
+    o, ids = s.options, s.ids
+    spb = o.steps // o.num_blocks
+    bl, start = o.block_length, s.prompt_len + b * o.block_length
+    x = state[0]
+    n = state[4].shape[0]
+    masked_count = jnp.sum(jax.lax.dynamic_slice_in_dim(x[:n], start, bl, axis=1) == ids.mask,
+                           axis=1)
+    quotas = num_transfer_tokens(masked_count, spb)
+    # With a threshold, steps continue until the block is decoded (at least one per step).
+    limit = bl if o.threshold is not None else spb
+
+    def block_left(st):
+        xb = jax.lax.dynamic_slice_in_dim(st[0][:n], start, bl, axis=1)
+        return jnp.any((xb == ids.mask) & ~st[4][:, None])
+
+    def cond(carry):
+        i, st = carry
+        return (i < limit) & block_left(st)
+
+    def body(carry):
+        i, st = carry
+        quota = quotas[:, jnp.minimum(i, spb - 1)]
+        fresh = i == 0
+        k = jax.random.fold_in(rng, i)
+        if o.cache == "none":
+            st = _step(model, s, embeds, positions, segments, st, b, quota, False, k)
+        else:  # the block's first step refreshes the cache with a full pass
+            st = jax.lax.cond(
+                fresh,
+                lambda t: _step(model, s, embeds, positions, segments, t, b, quota, True, k),
+                lambda t: _step(model, s, embeds, positions, segments, t, b, quota, False, k),
+                st,
+            )
+        return i + 1, st
+
+    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    return state
+
+
+def generate(
+    model,
+    prompt: dict,
+    options: SamplerOptions,
+    ids: SpecialIds,
+    rng: jax.Array,
+    on_block: Callable | None = None,
+) -> dict:
+    """Answers for a batch of prompts; jit it (`jax.jit(generate, static_argnames=...)`).
+
+    prompt: `tokens` [B, P] (left-padded), `valid` [B, P] bool, and optionally the visual
+    inputs of `LLaDAV.embed_inputs` (`pixels`, `visual_pos` within the prompt, `visual_src`,
+    `visual_w`). Returns `tokens` [B, gen_length] (masks left where a row stopped early),
+    `committed_at` [B, gen_length] (the step that committed each token; -1 never) and `steps`
+    (denoising steps run). `on_block(b, tokens)` is called on the host after every block.
+    """
+    o = options
+    tokens, valid = prompt["tokens"], prompt["valid"].astype(bool)
+    b, p = tokens.shape
+    s = _Setup(o, ids, p)
+    x = jnp.concatenate([tokens, jnp.full((b, o.gen_length), ids.mask, tokens.dtype)], axis=1)
+    segments = jnp.concatenate([valid, jnp.ones((b, o.gen_length), bool)], 1).astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+    visual = {k: prompt[k] for k in ("pixels", "visual_pos", "visual_src", "visual_w")
+              if k in prompt}
+    prompt_embeds = model.embed_inputs(x, **visual)  # the vision tower runs once
+    if o.cfg_scale > 0:  # the unconditional rows: the prompt (images too) all masks
+        blank = jnp.where(segments[:, :p] > 0, ids.mask, tokens)
+        uncond = model.llm.embed(jnp.concatenate([blank, x[:, p:]], axis=1))
+        prompt_embeds = jnp.concatenate([prompt_embeds, uncond])
+        x, segments, positions = (jnp.concatenate([a, a]) for a in (x, segments, positions))
+    is_prompt = (jnp.arange(x.shape[1]) < p)[None, :, None]
+
+    def embeds(xs):
+        return jnp.where(is_prompt, prompt_embeds, model.llm.embed(xs))
+
+    cache = None if o.cache == "none" else model.llm.init_cache(x.shape[0], x.shape[1],
+                                                                prompt_embeds.dtype)
+    committed_at = jnp.full((b, o.gen_length), -1, jnp.int32)
+    state = (x, cache, committed_at, jnp.int32(0), jnp.zeros((b,), bool))
+
+    def run(blk, st):
+        st = _decode_block(model, s, embeds, positions, segments, st, blk,
+                           jax.random.fold_in(rng, blk))
+        if on_block is not None:
+            io_callback(on_block, None, blk, st[0][:b, p:], ordered=True)
+        return st
+
+    if o.cache == "prefix":  # the chunk shrinks block by block: unrolled, static shapes
+        for blk in range(o.num_blocks):
+            state = run(blk, state)
+    else:
+        state = jax.lax.fori_loop(0, o.num_blocks, run, state)
+    x, _, committed_at, steps, _ = state
+    return {"tokens": x[:b, p:], "committed_at": committed_at, "steps": steps}
+
+
+def compiled_generate(model, options: SamplerOptions, ids: SpecialIds,
+                      on_block: Callable | None = None) -> Callable:
+    """A jitted `prompt, rng -> result` for one model and one set of options."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, prompt, rng):
+        return generate(nnx.merge(graphdef, state), prompt, options, ids, rng, on_block)
+
+    return lambda prompt, rng: run(state, prompt, rng)
