@@ -44,6 +44,8 @@ setup(
             "lladav-train=lladav_jax.train.cli:main",
             "lladav-convert=lladav_jax.convert:main",
             "lladav-data=lladav_jax.data.cli:main",
+            "lladav-generate=lladav_jax.generate:main",
+            "lladav-eval=lladav_jax.evaluate:main",
         ]
     },
 )
