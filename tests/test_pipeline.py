@@ -65,8 +65,11 @@ def test_restore_gives_the_uninterrupted_batches_with_workers():
     resumed = iter(run(num_epochs=2, num_workers=2))
     resumed.set_state(state)
     assert_same(head + list(resumed), whole)
-    # Workers change nothing about the batches.
+    # Workers change nothing about the batches, and a state restores under another count.
     assert_same(list(run(num_epochs=2, num_workers=0)), whole)
+    other = iter(run(num_epochs=2, num_workers=0))
+    other.set_state(state)
+    assert_same(head + list(other), whole)
 
 
 def test_processes_see_disjoint_shares_covering_the_epoch():

@@ -142,12 +142,20 @@ class WindowToBatches:
 
 class _FlattenIterator(grain.DatasetIterator):
     """Windows -> batches. Skip counts of a window ride on its first batch, or on the next batch
-    if the window had none; every batch carries `skips` (counts since the previous batch)."""
+    if the window had none; every batch carries `skips` (counts since the previous batch).
 
-    def __init__(self, parent, max_skip_fraction: float, min_seen: int):
-        super().__init__(parent)
+    The state is "window k, batch j" plus skip tallies, never Grain's internals: a restore
+    re-opens the windows from k (each a pure function of its index), so it works with any
+    number of worker processes, the same or not.
+    """
+
+    def __init__(self, windows: grain.MapDataset, workers: int, max_skip_fraction: float,
+                 min_seen: int):
+        super().__init__()
+        self._windows, self._workers = windows, workers
         self._max_skip_fraction, self._min_seen = max_skip_fraction, min_seen
-        self._parent_state = parent.get_state()
+        self._upstream = None
+        self._k = 0  # index of the window in hand, or of the next one to load
         self._window: dict | None = None
         self._next = 0
         self._pending: collections.Counter = collections.Counter()
@@ -155,9 +163,26 @@ class _FlattenIterator(grain.DatasetIterator):
         self._skipped: collections.Counter = collections.Counter()
         self._named: list[str] = []
 
+    def _open(self, k: int) -> None:
+        self.close()
+        # An element is a whole window: Grain's default read-ahead (16 threads, 500 elements)
+        # would featurize dozens at once. Parallelism comes from worker processes instead.
+        it = self._windows[k:].to_iter_dataset(
+            grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+        if self._workers > 0:
+            # Grain's worker processes read absl flags; programs that never parse them (ours,
+            # notebooks) would fail there. Defaults are what we want.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+        self._upstream = iter(it)
+
     def _load(self) -> None:
-        self._parent_state = self._parent.get_state()
-        self._window, self._next = next(self._parent), 0
+        if self._upstream is None:
+            self._open(self._k)
+        elif self._window is not None:
+            self._k += 1
+        self._window, self._next = next(self._upstream), 0
         self._pending.update(self._window["skips"])
         self._seen += self._window["seen"]
         self._skipped.update(self._window["skips"])
@@ -185,34 +210,42 @@ class _FlattenIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict:
         return {
-            "parent": self._parent_state,
+            "window": self._k,
+            "loaded": self._window is not None,
             "next": self._next,
             # Counts of the window in hand already went into the totals: keep them apart.
             "pending": dict(self._pending),
             "seen": self._seen,
             "skipped": dict(self._skipped),
             "named": list(self._named),
-            "loaded": self._window is not None,
         }
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["parent"])
-        self._parent_state = state["parent"]
-        self._window, self._next = None, state["next"]
+        self._k, self._next = state["window"], state["next"]
         self._pending = collections.Counter(state["pending"])
         self._seen, self._skipped = state["seen"], collections.Counter(state["skipped"])
         self._named = list(state["named"])
-        if state["loaded"]:  # recompute the window in hand (pure), without recounting it
-            self._window = next(self._parent)
+        self._open(self._k)
+        # Recompute the window in hand (pure), without counting it again.
+        self._window = next(self._upstream) if state["loaded"] else None
+
+    def close(self) -> None:
+        """Stops worker processes and drops the window held (its arrays may live in shared
+        memory that must be released before the interpreter exits)."""
+        self._window = None
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None and hasattr(upstream, "close"):
+            upstream.close()
 
 
 class _Flatten(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, max_skip_fraction: float, min_seen: int):
-        super().__init__(parent)
-        self._args = (max_skip_fraction, min_seen)
+    def __init__(self, windows: grain.MapDataset, workers: int, max_skip_fraction: float,
+                 min_seen: int):
+        super().__init__(windows)
+        self._args = (windows, workers, max_skip_fraction, min_seen)
 
     def __iter__(self) -> _FlattenIterator:
-        return _FlattenIterator(self._parent.__iter__(), *self._args)
+        return _FlattenIterator(*self._args)
 
 
 def make_dataset(
@@ -245,16 +278,7 @@ def make_dataset(
         buckets=length_buckets(data) if data.group_by_length else (),
     )
     windows = ds.batch(data.window, batch_fn=list).map_with_index(to_batches)
-    # An element is a whole window: Grain's default read-ahead (16 threads, 500 elements) would
-    # featurize dozens of windows at once. Parallelism comes from worker processes instead.
-    it = windows.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-    if data.num_workers > 0:
-        # Grain's worker processes read absl flags; programs that never parse them (ours,
-        # notebooks) would fail there. Defaults are what we want.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
-    return _Flatten(it, data.max_skip_fraction, data.min_seen_for_abort)
+    return _Flatten(windows, data.num_workers, data.max_skip_fraction, data.min_seen_for_abort)
 
 
 def length_buckets(data) -> tuple[int, ...]:

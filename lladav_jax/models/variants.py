@@ -75,7 +75,7 @@ def model_config(name: str = "tiny") -> ml_collections.ConfigDict:
             max_position_embeddings=8192,
         )
         vision = _vision(hidden_size=384, num_layers=7, num_heads=6, intermediate_size=1536)
-        image = _image(max_tiles=10, max_visual_tokens=3200)
+        image = _image(max_tiles=10, max_visual_tokens=4608)  # 10 tiles: up to ~4300
     elif name == "tiny":
         text = _text(
             vocab_size=512,  # the demo tokenizer has 480 tokens
