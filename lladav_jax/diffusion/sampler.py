@@ -50,8 +50,10 @@ class SamplerOptions:
         if self.gen_length % self.block_length:
             raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length "
                              f"{self.block_length}")
-        if self.steps % self.num_blocks:
+        if self.steps < self.num_blocks or self.steps % self.num_blocks:
             raise ValueError(f"steps {self.steps} do not split over {self.num_blocks} blocks")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale {self.cfg_scale} must be >= 0 (0 = no guidance)")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold {self.threshold} is not a probability")
 
@@ -162,9 +164,10 @@ def _step(model, s: _Setup, embeds, positions, segments, state, b, quota, fresh,
     at = jax.lax.dynamic_slice_in_dim(committed_at, b * bl, bl, axis=1)
     committed_at = jax.lax.dynamic_update_slice_in_dim(
         committed_at, jnp.where(commit, step, at), b * bl, axis=1)
-    x_cond = jax.lax.dynamic_update_slice_in_dim(x[:n], xb, start, axis=1)
-    x = jnp.concatenate([x_cond, x[n:]]) if o.cfg_scale > 0 else x_cond
-    done = done | rows_done(x_cond[:, s.prompt_len:], ids)
+    # The unconditional rows (CFG) get the same answer tokens: only their prompt is masked.
+    xb = jnp.concatenate([xb, xb]) if o.cfg_scale > 0 else xb
+    x = jax.lax.dynamic_update_slice_in_dim(x, xb, start, axis=1)
+    done = done | rows_done(x[:n, s.prompt_len:], ids)
     return x, cache, committed_at, step + 1, done
 
 
