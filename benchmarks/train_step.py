@@ -1,0 +1,469 @@
+"""Train-step speed on the CPU: our jitted step against a PyTorch eager step of the same model.
+
+    python benchmarks/train_step.py [--variant small] [--rows 1] [--seq_len 2048]
+        [--repeats 3] [--warmup 1] [--torch_attn sdpa [eager]] [--no-tiny] [--components]
+
+The batch: `rows` rows of `seq_len` tokens, each row one sample with one square image of the
+tile size (AnyRes: base tile + a 1x1 grid = 2 tiles; for `small`, 384 px, 729 + 27 x 28 = 1485
+visual tokens), a 40-token prompt around it and answer tokens (the masked-diffusion targets)
+filling the rest of the row; no padding. The vision tower runs on the 2 real tiles (the
+trainer's batches pad every row to `image.max_tiles`). Both steps do the same work: forward
+masking (one t per sample), SigLIP, the connector, LLaDA over the whole row (bidirectional),
+the loss of DESIGN.md 2.2 over the full-vocabulary logits, the backward pass, global-norm
+clipping at 1.0 and AdamW with the stage-2/3 per-part learning rates (everything trains), all
+in float32, from the same initial weights.
+
+- Ours: `lladav_jax.train.step.make_train_step` under `jax.jit` with the state donated, as
+  the trainer runs it (one micro-batch), compiled ahead of the timed steps.
+- PyTorch eager: transformers' `LlavaOnevisionForConditionalGeneration` configured as in
+  `tests/references.py` (Llama made bidirectional by an all-zero 4-D mask), trimmed to what
+  LLaDA-V runs (SigLIP's last layer and pooling head removed, features read at the new last
+  layer, as the official code does), the same loss written in torch, `clip_grad_norm_` and
+  `torch.optim.AdamW` (foreach) with the same per-part learning rates. Attention:
+  `--torch_attn sdpa` (transformers' default) and/or `eager` (as tests/references.py).
+  For `tiny` the logits of both models are compared first (same weights, same batch).
+
+All steps are timed interleaved (ours, torch, ours, torch, ...) so that other jobs on a shared
+machine slow each alike; a figure is the median of `--repeats` steps after `--warmup` untimed
+ones. Each step also records its process CPU time (all threads) and the load average: on a
+shared machine CPU-seconds per step are the steadier measure of the work done.
+MFU = `metrics.flops_per_step` / step time / the CPU's float32 matmul peak
+(`metrics.measure_peak_flops`, best of 5 tries before and after the steps); "MFU per
+CPU-second" divides FLOPs per CPU-second of the step by the same matmul's FLOPs per
+CPU-second. torch runs as many threads as JAX's CPU client (the usable cores).
+`tiny` (16 x 256 tokens, a 56 px image per row, 10 repeats) runs first unless `--no-tiny`.
+`--components` times, instead of the steps, one layer's attention and the head + cross-entropy
+(each forward and backward) at the same shapes, ours against torch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+from PIL import Image
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lladav_jax.data.image import process_image  # noqa: E402
+from lladav_jax.data.layout import collate_visual  # noqa: E402
+from lladav_jax.diffusion import objective  # noqa: E402
+from lladav_jax.models import lladav, variants, weights  # noqa: E402
+from lladav_jax.train import metrics, optim  # noqa: E402
+from lladav_jax.train.step import (  # noqa: E402
+    MODEL_KEYS,
+    TrainState,
+    make_train_step,
+    split_accum,
+)
+from tests import references as ref  # noqa: E402
+
+LRS = dict(vision=2e-6, connector=1e-5, llm=1e-5)  # stages 2-3: everything trains
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(lr=LRS, warmup_ratio=0.0, clip_norm=1.0, b1=0.9,
+                                          b2=0.999, eps=1e-8, weight_decay=0.0))
+
+
+# ----------------------------------------------------------------------------------- the batch
+
+
+def make_batch(cfg, rows: int, seq_len: int, image_px: int, prompt: int = 40, seed: int = 0):
+    """(bench cfg, batch of numpy arrays, info): one image per row, no padding.
+
+    The bench cfg has max_tiles / max_visual_tokens set to what the image needs, so that the
+    vision tower runs on the real tiles only (the trainer pads to `image.max_tiles`)."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (image_px, image_px, 3), np.uint8))
+    proc = process_image(img, cfg)
+    n_tiles, v = proc.tiles.shape[0], proc.layout.num_tokens
+    if prompt + v + 16 > seq_len:
+        raise SystemExit(f"seq_len {seq_len} too short for {v} visual tokens + text; use more")
+    cfg = copy.deepcopy(cfg)
+    cfg.image.max_tiles, cfg.image.max_visual_tokens = n_tiles, v
+    vocab = cfg.text.vocab_size
+    image_id, mask_id = vocab - 1, vocab - 2  # image_id: onevision_config's image_token_index
+    tokens = rng.integers(0, vocab - 2, (rows, seq_len)).astype(np.int32)
+    start = prompt // 2  # half the prompt before the image, half after
+    tokens[:, start:start + v] = image_id
+    targets = np.zeros((rows, seq_len), bool)
+    targets[:, prompt + v:] = True  # the answer fills the rest of the row
+    visual = collate_visual([[(proc, start)]] * rows, cfg, seq_len)
+    batch = dict(
+        tokens=tokens, targets=targets,
+        positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
+        segment_ids=np.ones((rows, seq_len), np.int32), **visual,
+    )
+    info = dict(tiles_per_row=n_tiles, visual_tokens=v, answer_tokens=seq_len - prompt - v,
+                mask_id=mask_id, image_id=image_id, image_hw=(image_px, image_px))
+    return cfg, batch, info
+
+
+# ------------------------------------------------------------------------------------- ours
+
+
+class JaxStep:
+    """`make_train_step` jitted with the state donated, as the trainer runs it (accum 1)."""
+
+    def __init__(self, model, batch: dict, mask_id: int):
+        tx, _ = optim.make_optimizer(optim_config(), total_steps=1000)
+        graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter(LRS), ...)
+        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        self.frozen = frozen
+        self.state = TrainState(jnp.int32(0), trainable, jax.jit(tx.init)(trainable),
+                                jax.random.key(0))
+        self.batch = jax.device_put(split_accum(batch, 1))
+        jitted = jax.jit(make_train_step(graphdef, tx, mask_id), donate_argnums=0)
+        start = time.perf_counter()
+        self.fn = jitted.lower(self.state, self.frozen, self.batch).compile()
+        self.compile_s = time.perf_counter() - start
+        self.losses = []
+
+    def __call__(self) -> None:
+        self.state, m = self.fn(self.state, self.frozen, self.batch)
+        jax.block_until_ready((self.state, m))
+        self.losses.append(float(m["loss"]))
+
+
+# ---------------------------------------------------------------------------------- PyTorch
+
+
+def torch_model(cfg, attn: str) -> torch.nn.Module:
+    """transformers' LLaVA-OneVision as LLaDA-V (tests/references.py), trimmed to the layers
+    LLaDA-V runs: SigLIP without its last layer and pooling head, features at the new last
+    layer (the official code deletes them; transformers would run them and discard the
+    output)."""
+    config = ref.onevision_config(cfg)
+    config.vision_config.vision_use_head = False
+    config.vision_feature_layer = -1
+    kept = config.vision_config.num_hidden_layers + cfg.vision.select_layer + 1
+    config.vision_config.num_hidden_layers = kept
+    for c in (config, config.vision_config, config.text_config):
+        c._attn_implementation = attn
+    torch.manual_seed(0)
+    model = transformers.LlavaOnevisionForConditionalGeneration(config).float()
+    return model.train()
+
+
+def torch_param_groups(model: torch.nn.Module) -> list[dict]:
+    """The per-part learning rates; SigLIP's post_layernorm (unused by LLaDA-V) left out."""
+    groups = {p: [] for p in LRS}
+    for name, p in model.named_parameters():
+        if "post_layernorm" in name:
+            p.requires_grad_(False)
+            continue
+        part = ("vision" if "vision_tower" in name else
+                "connector" if "multi_modal_projector" in name or "image_newline" in name else
+                "llm")
+        groups[part].append(p)
+    return [dict(params=ps, lr=LRS[part]) for part, ps in groups.items()]
+
+
+class TorchStep:
+    """The same step in PyTorch eager: loss, backward, clip_grad_norm_, AdamW (foreach)."""
+
+    def __init__(self, cfg, batch: dict, info: dict, attn: str):
+        self.model = torch_model(cfg, attn)
+        groups = torch_param_groups(self.model)
+        self.params = [p for g in groups for p in g["params"]]
+        self.num_params = sum(p.numel() for p in self.params)
+        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                     foreach=True)
+        rows = batch["tokens"].shape[0]
+        self.tokens = torch.from_numpy(batch["tokens"]).long()
+        self.targets = torch.from_numpy(batch["targets"])
+        # (B, T, S, S, 3) -> (B, T, 3, S, S); image_sizes are (height, width).
+        self.pixels = torch.from_numpy(batch["pixels"].transpose(0, 1, 4, 2, 3).copy())
+        self.image_sizes = torch.tensor([info["image_hw"]] * rows)
+        self.mask4d = ref.bidirectional_mask(batch["segment_ids"])
+        self.positions = torch.from_numpy(batch["positions"]).long()
+        self.mask_id = info["mask_id"]
+        self.gen = torch.Generator().manual_seed(0)
+        self.losses = []
+
+    def loss(self) -> torch.Tensor:
+        """DESIGN.md 2.2, one sample per row: t ~ U(0,1), p = (1-eps) t + eps, mask targets
+        with probability p, sum of CE / p / L_ans over masked positions, mean over samples."""
+        rows, n = self.tokens.shape
+        t = torch.rand(rows, 1, generator=self.gen)
+        p_mask = (1 - objective.EPS) * t + objective.EPS
+        masked = self.targets & (torch.rand(rows, n, generator=self.gen) < p_mask)
+        noisy = torch.where(masked, self.mask_id, self.tokens)
+        logits = self.model(input_ids=noisy, pixel_values=self.pixels,
+                            image_sizes=self.image_sizes, attention_mask=self.mask4d,
+                            position_ids=self.positions, use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ce = -logp.gather(-1, self.tokens[..., None])[..., 0]
+        l_ans = self.targets.sum(1, keepdim=True).clamp(min=1)
+        weight = torch.where(masked, 1.0 / (p_mask * l_ans), 0.0)
+        samples = (self.targets.sum(1) > 0).sum().clamp(min=1)
+        return (ce * weight).sum() / samples
+
+    def __call__(self) -> None:
+        loss = self.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+def peak_flops(tries: int = 5) -> float:
+    """Best of several `metrics.measure_peak_flops` runs (jitted 1024^2 matmul, wall clock)."""
+    return max(metrics.measure_peak_flops() for _ in range(tries))
+
+
+def peak_flops_per_cpu_second(size: int = 1024, repeats: int = 5, tries: int = 5) -> dict:
+    """The same matmul per CPU-second (process time over all threads), jax and torch: less
+    sensitive to other jobs than wall clock, which only counts the time we were given."""
+    x = jax.random.normal(jax.random.key(0), (size, size))
+    f = jax.jit(lambda a: a @ a)
+    t = torch.from_numpy(np.array(x))
+    runs = {"jax": lambda: f(x).block_until_ready(), "torch": lambda: t @ t}
+    out = {}
+    for name, run in runs.items():
+        run()
+        best = float("inf")
+        for _ in range(tries):
+            start = time.process_time()
+            for _ in range(repeats):
+                run()
+            best = min(best, time.process_time() - start)
+        out[name] = 2 * size**3 * repeats / best
+    return out
+
+
+def torch_peak_flops(size: int = 1024, repeats: int = 5, tries: int = 5) -> float:
+    """torch's (MKL) matmul FLOP/s, wall clock, for reference."""
+    a = torch.randn(size, size)
+    a @ a
+    best = 0.0
+    for _ in range(tries):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ a
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    return best
+
+
+def jax_cpu_threads() -> int:
+    """Threads of JAX's CPU client: XLA's Eigen pool is as large as the usable cores."""
+    return len(os.sched_getaffinity(0))
+
+
+def timed(step) -> dict:
+    """One step: wall seconds, process CPU seconds (all threads) and the 1-minute load."""
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    return dict(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu,
+                load=os.getloadavg()[0])
+
+
+def check_same_model(ours, theirs: TorchStep, batch: dict) -> float:
+    """Max |logits difference| / max |logits| of one forward pass (no masking), both models."""
+    logits = np.asarray(nnx.jit(lambda m, b: m(**b))(
+        ours, {k: batch[k] for k in MODEL_KEYS if k in batch}))
+    with torch.no_grad():
+        want = theirs.model(input_ids=theirs.tokens, pixel_values=theirs.pixels,
+                            image_sizes=theirs.image_sizes, attention_mask=theirs.mask4d,
+                            position_ids=theirs.positions, use_cache=False).logits.numpy()
+    return float(np.abs(logits - want).max() / np.abs(want).max())
+
+
+def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, warmup: int,
+          attns: list[str], check: bool) -> dict:
+    cfg, batch, info = make_batch(variants.model_config(variant), rows, seq_len, image_px)
+    tiles = rows * info["tiles_per_row"]
+    flops = metrics.flops_per_step(cfg, (rows, seq_len), tiles)
+    print(f"\n== {variant}: {rows} x {seq_len} tokens, {tiles} tiles of "
+          f"{cfg.vision.image_size}px ({info['visual_tokens']} visual + "
+          f"{info['answer_tokens']} answer tokens per row); {flops / 1e12:.4f} TFLOP/step",
+          flush=True)
+    theirs = {f"torch-{a}": TorchStep(cfg, batch, info, a) for a in attns}
+    model = lladav.create(cfg, seed=0)
+    if theirs:  # the same initial weights as torch's (all torch models are seeded alike)
+        first = next(iter(theirs.values()))
+        weights.load_hf(model, ref.official_from_onevision(first.model, cfg),
+                        weights.lladav_entries(cfg), cfg)
+        for name, step in theirs.items():
+            if check:
+                print(f"{name}: logits differ from ours by "
+                      f"{check_same_model(model, step, batch):.1e} (relative)", flush=True)
+    ours = JaxStep(model, batch, info["mask_id"])
+    del model
+    print(f"ours: {ours.num_params / 1e6:.2f}M params, compiled in {ours.compile_s:.1f} s",
+          flush=True)
+    for name, step in theirs.items():
+        assert step.num_params == ours.num_params, (name, step.num_params, ours.num_params)
+    steps = {"ours": ours, **theirs}
+    runs = {name: [] for name in steps}
+    # Interleaved, so that other jobs on a shared machine slow all alike.
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            t = timed(step)
+            if i >= warmup:
+                runs[name].append(t)
+            print(f"  {'warm-up' if i < warmup else 'step   '} {name:11s} {t['wall']:8.3f} s "
+                  f"wall {t['cpu']:8.3f} s CPU  load {t['load']:4.1f}  "
+                  f"loss {step.losses[-1]:.3f}", flush=True)
+    return dict(variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=flops,
+                info=info, compile_s=ours.compile_s, params=ours.num_params, runs=runs)
+
+
+def report(res: dict, peak: float, cpu_peak: float) -> None:
+    tokens = res["rows"] * res["seq_len"]
+    print(f"\n{res['variant']}: {res['rows']} x {res['seq_len']} tokens, {res['tiles']} tiles, "
+          f"{res['flops'] / 1e12:.4f} TFLOP/step (metrics.flops_per_step); "
+          f"ours compiled in {res['compile_s']:.1f} s")
+    med = {}
+    for name, runs in res["runs"].items():
+        wall = [r["wall"] for r in runs]
+        med[name] = m = statistics.median(wall)
+        cpu = statistics.median(r["cpu"] for r in runs)
+        load = statistics.median(r["load"] for r in runs)
+        print(f"  {name:11s} {m:8.3f} s/step median (min {min(wall):.3f}, max {max(wall):.3f}, "
+              f"n={len(wall)}); {tokens / m:,.0f} tokens/s; {res['flops'] / m / 1e9:.1f} GFLOP/s; "
+              f"MFU {res['flops'] / m / peak:.1%}; {cpu:.2f} CPU-s/step, "
+              f"MFU per CPU-second {res['flops'] / cpu / cpu_peak:.1%}; load {load:.1f}")
+    cpu = {name: statistics.median(r["cpu"] for r in runs) for name, runs in res["runs"].items()}
+    for name in med:
+        if name != "ours":
+            print(f"  ours / {name}: {med['ours'] / med[name]:.2f} (median wall time), "
+                  f"{cpu['ours'] / cpu[name]:.2f} (median CPU-seconds)")
+
+
+def components(cfg, rows: int, seq_len: int, repeats: int = 3) -> None:
+    """Where the difference comes from: one text layer's attention, forward + backward, and
+    the head + cross-entropy, ours (jitted) against torch's, best of `repeats`."""
+    from lladav_jax.models.attention import attention
+
+    t = cfg.text
+    b, n, h, d, dim, vocab = rows, seq_len, t.num_heads, t.head_dim, t.hidden_size, t.vocab_size
+
+    def best(run) -> tuple[float, float]:
+        run()
+        ts = [timed(run) for _ in range(repeats)]
+        return min(x["wall"] for x in ts), min(x["cpu"] for x in ts)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, n, h, d), np.float32)
+    seg = jnp.ones((b, n), jnp.int32)
+    grad = jax.jit(jax.grad(
+        lambda q, k, v: jnp.sum(attention(q, k, v, q_segment_ids=seg) ** 2), argnums=(0, 1, 2)))
+    xj = jnp.asarray(x)
+    xt = torch.from_numpy(x.transpose(0, 2, 1, 3).copy()).requires_grad_()
+    mask = ref.bidirectional_mask(np.ones((b, n), np.int32))
+
+    def sdpa():
+        out = torch.nn.functional.scaled_dot_product_attention(xt, xt, xt, attn_mask=mask)
+        (out**2).sum().backward()
+
+    def eager():  # transformers' eager_attention_forward
+        p = torch.softmax(xt @ xt.transpose(-1, -2) * d**-0.5 + mask, -1, dtype=torch.float32)
+        ((p @ xt) ** 2).sum().backward()
+
+    flops = 3 * 4 * b * h * n * n * d
+    rows_out = {
+        "attention fwd+bwd, ours (xla)": best(lambda: jax.block_until_ready(grad(xj, xj, xj))),
+        "attention fwd+bwd, torch sdpa": best(sdpa),
+        "attention fwd+bwd, torch eager": best(eager),
+    }
+    hidden = rng.standard_normal((b, n, dim), np.float32)
+    w = 0.02 * rng.standard_normal((dim, vocab), np.float32)
+    tok = rng.integers(0, vocab, (b, n))
+
+    def ce(hh, ww):
+        logp = jax.nn.log_softmax(hh @ ww, -1)
+        return -jnp.sum(jnp.take_along_axis(logp, jnp.asarray(tok)[..., None], -1))
+
+    head = jax.jit(jax.grad(ce, argnums=(0, 1)))
+    ht, wt = torch.from_numpy(hidden).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    tt = torch.from_numpy(tok)
+
+    def head_torch():
+        logp = torch.log_softmax(ht @ wt, -1)
+        (-logp.gather(-1, tt[..., None]).sum()).backward()
+
+    head_flops = 6 * b * n * dim * vocab
+    hj, wj = jnp.asarray(hidden), jnp.asarray(w)
+    rows_out["head + CE fwd+bwd, ours"] = best(lambda: jax.block_until_ready(head(hj, wj)))
+    rows_out["head + CE fwd+bwd, torch"] = best(head_torch)
+    print(f"\ncomponents ({b} x {n} tokens, {h} heads of {d}; attention runs {t.num_layers} "
+          f"times a step), best of {repeats}:")
+    for name, (wall, cpu) in rows_out.items():
+        f = flops if name.startswith("attention") else head_flops
+        print(f"  {name:32s} {wall * 1e3:8.1f} ms wall {cpu * 1e3:8.1f} ms CPU "
+              f"({f / cpu / 1e9:5.1f} GFLOP per CPU-second)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", default="small")
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--image_px", type=int, default=0, help="default: the tile size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--torch_attn", nargs="*", default=["sdpa"], choices=("sdpa", "eager"),
+                        help="transformers attention implementations to time (none: ours only)")
+    parser.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=True,
+                        help="also `tiny`: 16 x 256 tokens, a 56px image per row, 10 repeats")
+    parser.add_argument("--components", action="store_true",
+                        help="instead of the steps, time attention and head + CE alone")
+    args = parser.parse_args()
+
+    threads = jax_cpu_threads()
+    torch.set_num_threads(threads)
+    print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}, {threads} threads), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    peaks = [peak_flops()]
+    cpu_peaks = [peak_flops_per_cpu_second()]
+    print(f"matmul peak: {peaks[0] / 1e9:.1f} GFLOP/s (torch {torch_peak_flops() / 1e9:.1f}); "
+          f"per CPU-second: jax {cpu_peaks[0]['jax'] / 1e9:.1f}, "
+          f"torch {cpu_peaks[0]['torch'] / 1e9:.1f}", flush=True)
+    cfg = variants.model_config(args.variant)
+    if args.components:
+        components(cfg, args.rows, args.seq_len)
+        return
+    results = []
+    if args.tiny:
+        results.append(bench("tiny", 16, 256, 56, 10, 2, args.torch_attn, check=True))
+    results.append(bench(args.variant, args.rows, args.seq_len,
+                         args.image_px or cfg.vision.image_size, args.repeats, args.warmup,
+                         args.torch_attn, check=False))
+    peaks.append(peak_flops())
+    cpu_peaks.append(peak_flops_per_cpu_second())
+    peak, cpu_peak = max(peaks), max(c["jax"] for c in cpu_peaks)
+    print(f"\nmatmul peak after: {peaks[1] / 1e9:.1f} GFLOP/s (torch "
+          f"{torch_peak_flops() / 1e9:.1f}); per CPU-second: jax {cpu_peaks[1]['jax'] / 1e9:.1f}, "
+          f"torch {cpu_peaks[1]['torch'] / 1e9:.1f}; load average {os.getloadavg()[0]:.2f}")
+    print(f"MFU against {peak / 1e9:.1f} GFLOP/s (the better of before/after); MFU per "
+          f"CPU-second against {cpu_peak / 1e9:.1f} GFLOP per CPU-second")
+    for res in results:
+        report(res, peak, cpu_peak)
+
+
+if __name__ == "__main__":
+    main()
