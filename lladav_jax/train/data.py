@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from lladav_jax.data import pipeline
+from lladav_jax.data.example import BATCH_KEYS
 from lladav_jax.data.featurize import Featurizer
 from lladav_jax.data.synthetic import SyntheticSource
 from lladav_jax.data.tokenizer import Tokenizer, build_demo_tokenizer
@@ -55,16 +60,30 @@ def make_featurizer(config, tokenizer: Tokenizer) -> Featurizer:
                       system=d.system_prompt, overlong=d.overlong)
 
 
-def make_batches(config, tokenizer: Tokenizer, process_index: int, process_count: int):
-    """(per-process batch iterator, source length). Batches hold the per-process share."""
+def make_batches(config, tokenizer: Tokenizer, rows: Sequence[int] | None = None):
+    """(batch iterator, source length).
+
+    Every process reads the same global stream of `data.batch_size`-row batches and keeps
+    `rows` of each (its share of the global batch; None = all). So the global batch, its
+    length bucket and the number of batches never depend on the process count: two processes
+    train exactly as one does, and none runs out of data before the others. The price is
+    that each process featurizes every sample. `num_samples` and `num_tokens` (non-padding
+    tokens) count the whole global batch."""
     d = config.data
-    if d.batch_size % process_count:
-        raise ValueError(f"data.batch_size {d.batch_size} does not split over "
-                         f"{process_count} processes")
-    local = d.copy_and_resolve_references()
-    local.batch_size = d.batch_size // process_count
     source = make_source(d)
-    ds = pipeline.make_dataset(source, make_featurizer(config, tokenizer), config.model, local,
-                               pad_id=tokenizer.pad_id, process_index=process_index,
-                               process_count=process_count)
-    return ds, len(source)
+    ds = pipeline.make_dataset(source, make_featurizer(config, tokenizer), config.model, d,
+                               pad_id=tokenizer.pad_id, process_index=0, process_count=1)
+    return ds.map(_KeepRows(None if rows is None else tuple(int(r) for r in rows))), len(source)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeepRows:
+    rows: tuple[int, ...] | None
+
+    def __call__(self, batch: dict) -> dict:
+        out = dict(batch)
+        out["num_tokens"] = np.int64((batch["segment_ids"] > 0).sum())
+        if self.rows is not None:
+            take = np.asarray(self.rows)
+            out.update({k: batch[k][take] for k in BATCH_KEYS})
+        return out

@@ -69,7 +69,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mask_id: int) ->
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = total / count
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -15,8 +15,8 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -79,9 +79,22 @@ def _batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *([None] * (ndim - 2))))
 
 
-def _global_batch(batch: dict, mesh, accum: int) -> dict:
+def _local_rows(mesh, accum: int, batch_size: int) -> list[int] | None:
+    """The rows of the global batch that this process's devices hold (None: all, one process),
+    in the order `make_array_from_process_local_data` expects them."""
+    if jax.process_count() == 1:
+        return None
+    micro = batch_size // accum
+    index = _batch_sharding(mesh, 2).addressable_devices_indices_map((accum, micro))
+    cols = sorted({j for idx in index.values() for j in range(*idx[1].indices(micro)[:2])})
+    return [a * micro + j for a in range(accum) for j in cols]
+
+
+def _global_batch(batch: dict, mesh, accum: int, batch_size: int) -> dict:
+    """This process's rows of the batch -> global arrays [accum, micro, ...]."""
     local = split_accum(batch, accum)
-    return {k: jax.make_array_from_process_local_data(_batch_sharding(mesh, v.ndim), v)
+    return {k: jax.make_array_from_process_local_data(
+                _batch_sharding(mesh, v.ndim), v, (accum, batch_size // accum, *v.shape[2:]))
             for k, v in local.items()}
 
 
@@ -92,8 +105,9 @@ def train(config, workdir: str) -> dict:
     mesh = parallel.make_mesh(dict(config.mesh))
     tokenizer = load_tokenizer(config.tokenizer)
     _write_workdir_files(workdir_path, config, tokenizer)
-    pi, pc = jax.process_index(), jax.process_count()
-    batches, source_len = make_batches(config, tokenizer, pi, pc)
+    pi = jax.process_index()
+    accum, batch_size = config.train.grad_accum, config.data.batch_size
+    batches, source_len = make_batches(config, tokenizer, _local_rows(mesh, accum, batch_size))
     data_iter = iter(batches)
     steps = config.train.steps or math.ceil(
         source_len * config.data.num_epochs / config.data.batch_size)
@@ -105,28 +119,31 @@ def train(config, workdir: str) -> dict:
     resume = ckpts.latest_step()
     graphdef, state = nnx.split(lladav.abstract(config.model))
     trainable_filter = optim.trainable_filter(config.optim.lr)
+    sharded = _with_shardings(state, parallel.state_shardings(state, mesh))
+    _, trainable_abstract, _ = nnx.split(nnx.merge(graphdef, sharded), trainable_filter, ...)
+    opt_shardings = _opt_state_shardings(tx, trainable_abstract, mesh)
     meta = {"step": 0, "rng": np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist(),
             "nonfinite": 0, "nonfinite_in_a_row": 0, "skips": {}, "pending": []}
     if resume is None:
         params = _initial_params(config, mesh)
         opt_state = None
     else:  # restore straight into the shards that abstract targets describe
-        sharded = _with_shardings(state, parallel.state_shardings(state, mesh))
-        _, trainable_abstract, _ = nnx.split(nnx.merge(graphdef, sharded), trainable_filter, ...)
-        init = jax.jit(tx.init).lower(trainable_abstract).compile()
-        opt_target = jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-            jax.eval_shape(tx.init, trainable_abstract), init.output_shardings)
+        opt_target = _with_shardings(jax.eval_shape(tx.init, trainable_abstract), opt_shardings)
         params, opt_state, meta = ckpts.restore(resume, nnx.to_pure_dict(sharded), opt_target,
                                                 data_iter)
         print(f"resumed from step {meta['step']} ({ckpts.manager.directory / str(resume)})")
     nnx.replace_by_pure_dict(state, params)
     graphdef, trainable, frozen = nnx.split(nnx.merge(graphdef, state), trainable_filter, ...)
     if opt_state is None:
-        opt_state = jax.jit(tx.init)(trainable)
-    state = TrainState(jnp.int32(meta["step"]), trainable, opt_state,
-                       jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32)))
-    step_fn = jax.jit(make_train_step(graphdef, tx, tokenizer.mask_id), donate_argnums=0)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+    state = TrainState(_replicated(mesh, np.asarray(meta["step"], np.int32)), trainable,
+                       opt_state, jax.random.wrap_key_data(
+                           _replicated(mesh, np.asarray(meta["rng"], np.uint32))))
+    # The state leaves the step with the shardings it came in with: one compilation, and the
+    # same executable before and after a resume.
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(make_train_step(graphdef, tx, tokenizer.mask_id), donate_argnums=0,
+                      out_shardings=(state_shardings, None))
 
     writer = metrics.MetricsWriter(workdir_path, meta["step"], enabled=pi == 0)
     peak = metrics.peak_flops_per_device(config.train.peak_tflops_per_device)
@@ -135,7 +152,6 @@ def train(config, workdir: str) -> dict:
     pending: list[dict] = list(meta["pending"])  # per-step host metrics since the last row
     preemption = _Preemption()
     progress = _progress(config, steps, meta["step"])
-    accum = config.train.grad_accum
     window_start = time.perf_counter()
     start_step, step = meta["step"], meta["step"]
     try:
@@ -147,11 +163,11 @@ def train(config, workdir: str) -> dict:
                     break
                 for reason, n in batch.pop("skips").items():
                     skips[reason] += int(n)
-                samples = int(batch.pop("num_samples"))
-                shape, tiles = batch["tokens"].shape, batch["pixels"].shape[0] * batch[
-                    "pixels"].shape[1]
-                real_tokens = int((batch["segment_ids"] > 0).sum())
-                state, m = step_fn(state, frozen, _global_batch(batch, mesh, accum))
+                samples = int(batch.pop("num_samples"))  # of the global batch
+                real_tokens = int(batch.pop("num_tokens"))
+                shape = (batch_size, batch["tokens"].shape[1])
+                tiles = batch_size * batch["pixels"].shape[1]
+                state, m = step_fn(state, frozen, _global_batch(batch, mesh, accum, batch_size))
                 step += 1
                 pending.append({"m": m, "samples": samples, "tokens": real_tokens,
                                 "flops": metrics.flops_per_step(config.model, shape, tiles)})
@@ -159,12 +175,13 @@ def train(config, workdir: str) -> dict:
                 stop = preemption.agreed()
                 if step % config.train.log_every == 0 or step == steps or stop:
                     pending = _host(pending)
-                    _count_nonfinite(pending, meta, config.train.max_nonfinite_in_a_row)
                     elapsed = time.perf_counter() - window_start
-                    row = _row(step, pending, schedules, skips, elapsed, peak, n_devices, pc,
+                    row = _row(step, pending, schedules, skips, elapsed, peak, n_devices,
                                resumed=step - len(pending) < start_step)
                     writer.write(row)
                     progress.set_postfix(loss=f"{row['loss']:.4f}")
+                    # After the row is written: the step that ends the run is on record too.
+                    _count_nonfinite(pending, meta, config.train.max_nonfinite_in_a_row)
                     pending, window_start = [], time.perf_counter()
                 if stop or ckpts.manager.should_save(step):
                     pending = _host(pending)
@@ -177,9 +194,14 @@ def train(config, workdir: str) -> dict:
                     print(f"\nSIGTERM: checkpointed step {step}; rerun the same command to "
                           "resume")
                     return {"step": step, "preempted": True}
-        if ckpts.latest_step() != step:
+        if pending:  # the data ran out inside a logging window: its steps get their row
             pending = _host(pending)
+            writer.write(_row(step, pending, schedules, skips,
+                              time.perf_counter() - window_start, peak, n_devices,
+                              resumed=step - len(pending) < start_step))
             _count_nonfinite(pending, meta, config.train.max_nonfinite_in_a_row)
+            pending = []
+        if ckpts.latest_step() != step:
             meta.update(step=step, skips=dict(skips), pending=[],
                         rng=np.asarray(jax.random.key_data(state.rng)).tolist())
             ckpts.save(step, _params(graphdef, state, frozen), state.opt_state, dict(meta),
@@ -194,6 +216,24 @@ def train(config, workdir: str) -> dict:
             data_iter.close()
     return _finish(config, workdir_path, writer, nnx.merge(graphdef, state.trainable, frozen),
                    tokenizer, step)
+
+
+def _replicated(mesh, value: np.ndarray) -> jax.Array:
+    """A host value (the same in every process) as an array replicated over the mesh."""
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, PartitionSpec()),
+                                        lambda index: value[index])
+
+
+def _opt_state_shardings(tx, trainable_abstract, mesh):
+    """The optimizer state's shardings: Adam's moments as the parameters they mirror, the
+    rest (step counts) replicated. `tx.init` alone would put it all on one device (its
+    zeros do not depend on the parameters' values, so no sharding reaches them)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # parameters of another part
+    return optax.tree_map_params(
+        tx, lambda p, sh: p if masked(p) else sh, jax.eval_shape(tx.init, trainable_abstract),
+        jax.tree.map(lambda x: x.sharding, trainable_abstract),
+        transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def _with_shardings(state, shardings):
@@ -231,12 +271,12 @@ def _host(pending: list[dict]) -> list[dict]:
     return out
 
 
-def _row(step, pending, schedules, skips, elapsed, peak, n_devices, pc, resumed) -> dict:
+def _row(step, pending, schedules, skips, elapsed, peak, n_devices, resumed) -> dict:
     ms = [p["m"] for p in pending]
     ok = [m for m in ms if not m["skipped"]] or ms
     lrs = {p: float(s(step - 1)) for p, s in schedules.items()}
-    tokens = sum(p["tokens"] for p in pending) * pc
-    flops = sum(p["flops"] for p in pending) * pc
+    tokens = sum(p["tokens"] for p in pending)  # global batches: every process sees them all
+    flops = sum(p["flops"] for p in pending)
     row = {
         "step": step,
         "loss": float(np.mean([m["loss"] for m in ok])),
@@ -245,7 +285,7 @@ def _row(step, pending, schedules, skips, elapsed, peak, n_devices, pc, resumed)
         # Throughput of a window that began before a resume mixes two processes: not reported.
         "tokens_per_second": None if resumed else tokens / elapsed,
         "mfu": None if resumed else flops / elapsed / (peak * n_devices),
-        "samples": int(sum(p["samples"] for p in pending)) * pc,
+        "samples": int(sum(p["samples"] for p in pending)),
         "nonfinite_steps": int(sum(m["skipped"] for m in ms)),
     }
     row.update({f"lr_{p}": v for p, v in lrs.items()})
