@@ -89,6 +89,9 @@ def fp32_dir(tmp_path_factory) -> pathlib.Path:
     return path
 
 
+SHARD = 60_000  # bytes: several shards even for the tiny model
+
+
 @pytest.mark.parametrize("stored,param_dtype", [
     ("bfloat16", "float32"), ("float32", "float32"), ("bfloat16", "bfloat16"),
 ])
@@ -98,7 +101,7 @@ def test_round_trip_is_bit_identical(tmp_path, stored, param_dtype):
     write_dir(src, official_tensors(1, dtype), convert.config_to_hf(CFG, stored))
     convert.import_hf(src, tmp_path / "ours", param_dtype=param_dtype, block_bytes=2048)
     assert modeldir.load_config(tmp_path / "ours").param_dtype == param_dtype
-    convert.export_hf(tmp_path / "ours", tmp_path / "back", dtype=stored, shard_bytes=200_000,
+    convert.export_hf(tmp_path / "ours", tmp_path / "back", dtype=stored, shard_bytes=SHARD,
                       block_bytes=1000)
 
     want, got = read_reference(src), read_reference(tmp_path / "back")
@@ -106,9 +109,9 @@ def test_round_trip_is_bit_identical(tmp_path, stored, param_dtype):
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
         np.testing.assert_array_equal(bits(got[k]), bits(want[k]), err_msg=k)
-    # ~200 kB shards with an index; config and tokenizer carried over.
+    # Small shards with an index; config and tokenizer carried over.
     index = json.loads((tmp_path / "back" / safetensors_io.INDEX_FILE).read_text())
-    assert len(set(index["weight_map"].values())) > 2
+    assert len(set(index["weight_map"].values())) >= index["metadata"]["total_size"] // SHARD > 1
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
                                                   for t in got.values())
     config = json.loads((tmp_path / "back" / "config.json").read_text())
