@@ -268,8 +268,7 @@ def load_params(
         shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
     else:
         shardings = nnx.to_pure_dict(parallel.state_shardings(state, mesh, rules))
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(state), shardings)
+    target = parallel.abstract_with_shardings(nnx.to_pure_dict(state), shardings)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(resolve(path).params, target)
 

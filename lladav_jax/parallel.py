@@ -82,6 +82,13 @@ def logical_to_mesh(axes: Sequence[str | None], rules=DEFAULT_RULES) -> Partitio
     return PartitionSpec(*(table.get(a) if a is not None else None for a in axes))
 
 
+def abstract_with_shardings(tree, shardings):
+    """Shapes and dtypes of `tree` with the given shardings: a restore target that places
+    every array straight into its shards."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
 def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings of an nnx State (or abstract state) from its parameters' logical axes."""
     with nnx.logical_axis_rules(rules):

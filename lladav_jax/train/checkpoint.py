@@ -15,7 +15,6 @@ from __future__ import annotations
 import pathlib
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from lladav_jax.modeldir import CHECKPOINTS_DIR
@@ -53,13 +52,11 @@ class Checkpoints:
         return self.manager.save(step, args=args, force=force)
 
     def restore(self, step: int, params_target, opt_target, data_iterator) -> tuple:
-        """(params, opt_state, meta) of `step`, placed per the targets' shardings; the data
-        iterator is set to where it was."""
-        as_abstract = lambda t: jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
+        """(params, opt_state, meta) of `step`, placed per the abstract targets' shardings
+        (`parallel.abstract_with_shardings`); the data iterator is set to where it was."""
         out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(as_abstract(params_target)),
-            opt_state=ocp.args.StandardRestore(as_abstract(opt_target)),
+            params=ocp.args.StandardRestore(params_target),
+            opt_state=ocp.args.StandardRestore(opt_target),
             meta=ocp.args.JsonRestore(),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
         ))

@@ -119,7 +119,7 @@ def train(config, workdir: str) -> dict:
     resume = ckpts.latest_step()
     graphdef, state = nnx.split(lladav.abstract(config.model))
     trainable_filter = optim.trainable_filter(config.optim.lr)
-    sharded = _with_shardings(state, parallel.state_shardings(state, mesh))
+    sharded = parallel.abstract_with_shardings(state, parallel.state_shardings(state, mesh))
     _, trainable_abstract, _ = nnx.split(nnx.merge(graphdef, sharded), trainable_filter, ...)
     opt_shardings = _opt_state_shardings(tx, trainable_abstract, mesh)
     meta = {"step": 0, "rng": np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist(),
@@ -128,7 +128,8 @@ def train(config, workdir: str) -> dict:
         params = _initial_params(config, mesh)
         opt_state = None
     else:  # restore straight into the shards that abstract targets describe
-        opt_target = _with_shardings(jax.eval_shape(tx.init, trainable_abstract), opt_shardings)
+        opt_target = parallel.abstract_with_shardings(jax.eval_shape(tx.init, trainable_abstract),
+                                                      opt_shardings)
         params, opt_state, meta = ckpts.restore(resume, nnx.to_pure_dict(sharded), opt_target,
                                                 data_iter)
         print(f"resumed from step {meta['step']} ({ckpts.manager.directory / str(resume)})")
@@ -154,6 +155,14 @@ def train(config, workdir: str) -> dict:
     progress = _progress(config, steps, meta["step"])
     window_start = time.perf_counter()
     start_step, step = meta["step"], meta["step"]
+
+    def checkpoint(carry: list[dict]) -> None:
+        """Saves now; `carry` is the unlogged part of the window (host values)."""
+        meta.update(step=step, skips=dict(skips), pending=carry,
+                    rng=np.asarray(jax.random.key_data(state.rng)).tolist())
+        ckpts.save(step, _params(graphdef, state, frozen), state.opt_state, dict(meta),
+                   data_iter, force=True)
+
     try:
         with parallel.sharding_context(mesh):
             while step < steps:
@@ -185,10 +194,7 @@ def train(config, workdir: str) -> dict:
                     pending, window_start = [], time.perf_counter()
                 if stop or ckpts.manager.should_save(step):
                     pending = _host(pending)
-                    meta.update(step=step, skips=dict(skips), pending=pending,
-                                rng=np.asarray(jax.random.key_data(state.rng)).tolist())
-                    ckpts.save(step, _params(graphdef, state, frozen), state.opt_state,
-                               dict(meta), data_iter, force=True)
+                    checkpoint(pending)
                 if stop:
                     ckpts.wait()
                     print(f"\nSIGTERM: checkpointed step {step}; rerun the same command to "
@@ -202,10 +208,7 @@ def train(config, workdir: str) -> dict:
             _count_nonfinite(pending, meta, config.train.max_nonfinite_in_a_row)
             pending = []
         if ckpts.latest_step() != step:
-            meta.update(step=step, skips=dict(skips), pending=[],
-                        rng=np.asarray(jax.random.key_data(state.rng)).tolist())
-            ckpts.save(step, _params(graphdef, state, frozen), state.opt_state, dict(meta),
-                       data_iter, force=True)
+            checkpoint([])
         ckpts.wait()
     finally:
         progress.close()
@@ -234,11 +237,6 @@ def _opt_state_shardings(tx, trainable_abstract, mesh):
         tx, lambda p, sh: p if masked(p) else sh, jax.eval_shape(tx.init, trainable_abstract),
         jax.tree.map(lambda x: x.sharding, trainable_abstract),
         transform_non_params=lambda _: replicated, is_leaf=masked)
-
-
-def _with_shardings(state, shardings):
-    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                        state, shardings)
 
 
 def _params(graphdef, state: TrainState, frozen) -> dict:
