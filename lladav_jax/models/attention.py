@@ -2,20 +2,126 @@
 
 Attention is bidirectional everywhere (LLaDA has no causal mask; SigLIP never had one). The only
 mask is built from segment ids: 0 marks padding, and tokens attend only within their own
-segment, which keeps packed samples apart.
+segment, which keeps packed samples apart. Rows of padding queries are unspecified (finite, but
+implementation-dependent): nothing may read them.
+
+Implementations (`attention_impl` in the model config):
+- "xla": `jax.nn.dot_product_attention`, any backend.
+- "cudnn": the same function with cuDNN flash attention (NVIDIA GPU, bfloat16/float16).
+- "splash": the Pallas Splash attention kernel (TPU).
+- "auto": splash on TPU, cudnn on GPU where it applies, xla otherwise, silently.
+An explicit "cudnn" or "splash" the hardware cannot run falls back to xla with a warning, logged
+once per (implementation, reason).
 """
 
 from __future__ import annotations
 
-import jax
+import functools
+import logging
+import math
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+import jax
+import jax.numpy as jnp
+from flax.core import spmd
+from jax.sharding import PartitionSpec as P
+from jax.typing import DTypeLike
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
+
+log = logging.getLogger(__name__)
+
+# Tests only: run splash's Pallas kernel in interpret mode, so that it runs (slowly) anywhere.
+SPLASH_INTERPRET = False
+
+_warned: set[tuple[str, str]] = set()
+
+_LANES = 128  # splash needs q and kv blocks that are multiples of this
 
 
 def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
     """[B, 1, Lq, Lk] boolean: same segment and the key is not padding."""
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     return (same & (kv_segment_ids[:, None, :] != 0))[:, None]
+
+
+def splash_unsupported(backend: str) -> str | None:
+    """Why splash cannot run on `backend`, or None if it can."""
+    if backend == "tpu" or SPLASH_INTERPRET:
+        return None
+    return f"Splash attention is a TPU kernel and the backend is {backend!r}"
+
+
+def cudnn_unsupported(
+    backend: str,
+    dtype: DTypeLike,
+    head_dim: int,
+    q_len: int,
+    kv_len: int,
+    *,
+    masked: bool,
+    max_head_dim: int | None = None,
+) -> str | None:
+    """Why cuDNN flash attention (as `jax.nn.dot_product_attention` checks it) cannot take this
+    call, or None if it can. `max_head_dim` defaults to the GPU's: 256 from Hopper on, else 128."""
+    if backend != "gpu":
+        return f"cuDNN attention needs an NVIDIA GPU and the backend is {backend!r}"
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN flash attention takes bfloat16/float16, not {dtype}"
+    if max_head_dim is None:
+        max_head_dim = _cudnn_max_head_dim()
+    if head_dim % 8 or head_dim > max_head_dim:
+        return f"cuDNN needs a head_dim that is a multiple of 8, <= {max_head_dim}; not {head_dim}"
+    # The mask becomes a bias, whose backward pass cuDNN runs only for even lengths.
+    if masked and (q_len % 2 or kv_len % 2):
+        return f"cuDNN with a mask needs even sequence lengths, not {q_len} x {kv_len}"
+    return None
+
+
+def _cudnn_max_head_dim() -> int:
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return 256 if tuple(int(c) for c in capability.split(".")[:2]) >= (9, 0) else 128
+
+
+def resolve_impl(
+    impl: str,
+    *,
+    dtype: DTypeLike,
+    head_dim: int,
+    q_len: int,
+    kv_len: int,
+    masked: bool,
+    backend: str | None = None,
+) -> str:
+    """The implementation that runs: `impl` itself, "auto"'s pick, or "xla" (with a one-time
+    warning) where the hardware or the call does not suit `impl`."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention_impl {impl!r}; choose one of {IMPLEMENTATIONS}")
+    backend = backend or jax.default_backend()
+    cudnn = functools.partial(
+        cudnn_unsupported, backend, dtype, head_dim, q_len, kv_len, masked=masked
+    )
+    if impl == "auto":
+        if backend == "tpu":
+            return "splash"
+        return "cudnn" if cudnn() is None else "xla"
+    if impl == "splash":
+        reason = splash_unsupported(backend)
+    elif impl == "cudnn":
+        reason = cudnn()
+    else:
+        return impl
+    if reason is None:
+        return impl
+    if (impl, reason) not in _warned:
+        _warned.add((impl, reason))
+        log.warning(
+            "attention_impl=%r is unavailable: %s; falling back to 'xla' (set attention_impl to "
+            "'xla', or to 'auto' for splash on TPU and cudnn on GPU, to silence this)",
+            impl,
+            reason,
+        )
+    return "xla"
 
 
 def attention(
@@ -31,12 +137,123 @@ def attention(
 
     Segment ids are [B, L] ints (0 = padding); `None` means every key is visible.
     """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention_impl {impl!r}; choose one of {IMPLEMENTATIONS}")
+    if q_segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = q_segment_ids
+    impl = resolve_impl(
+        impl,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        q_len=q.shape[1],
+        kv_len=k.shape[1],
+        masked=q_segment_ids is not None,
+    )
+    if impl == "splash":
+        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
     mask = None
     if q_segment_ids is not None:
-        kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
         mask = segment_mask(q_segment_ids, kv_segment_ids)
     # jax computes the logits and softmax in float32 for bf16 inputs.
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+) -> jax.Array:
+    """`attention` by the Splash kernel; under a mesh with logical rules (parallel.
+    sharding_context) it runs per shard of batch and heads, the sequence whole."""
+    b, lq, h, _ = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    if q_segment_ids is None:  # one segment; the kernel's block padding below is segment 0
+        q_segment_ids = jnp.ones((b, lq), jnp.int32)
+        kv_segment_ids = jnp.ones((b, lk), jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = spmd.get_logical_axis_rules()
+    if mesh is None or mesh.empty or not rules or mesh.manual_axes:
+        return _splash(q, k, v, q_segment_ids, kv_segment_ids)
+    batch = _mesh_axes("batch", rules, mesh, b)
+    heads = _mesh_axes("act_heads", rules, mesh, h)
+    if heads is not None and hkv % _size(mesh, heads):
+        # Too few kv heads to split: give every q head its own copy, which keeps the grouping.
+        k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
+    qkv, ids = P(batch, None, heads, None), P(batch, None)
+    return jax.shard_map(
+        _splash,
+        mesh=mesh,
+        in_specs=(qkv, qkv, qkv, ids, ids),
+        out_specs=qkv,
+        check_vma=False,  # a Pallas call does not declare how its output varies over the mesh
+    )(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _size(mesh, axes: str | tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def _mesh_axes(name: str, rules, mesh, dim: int) -> str | tuple[str, ...] | None:
+    """The mesh axes the rules give logical axis `name`, if they split `dim` evenly."""
+    (axes,) = spmd.from_sharding_rules((name,), rules)
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if not names or not set(names) <= set(mesh.axis_names) or dim % _size(mesh, names):
+        return None
+    return axes
+
+
+def _splash(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array
+) -> jax.Array:
+    """One device's splash attention; shapes as `attention`, segment ids given."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    lq, d = q.shape[1], q.shape[-1]
+    pad_q, pad_k = -lq % _LANES, -k.shape[1] % _LANES
+
+    def heads_major(x: jax.Array, pad: int) -> jax.Array:  # [B, L, H, D] -> [B, H, L + pad, D]
+        return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+    # The kernel does not scale the logits.
+    q = heads_major(q * (1.0 / math.sqrt(d)), pad_q)
+    k, v = heads_major(k, pad_k), heads_major(v, pad_k)
+    # Block padding is segment 0, which real queries (segments >= 1) never see. Queries of
+    # segment 0 see only segment-0 keys, or with none a uniform average (the kernel masks with a
+    # finite value, so never NaN); their rows are cut off or unspecified.
+    segments = sk.SegmentIds(
+        q=jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, pad_q))),
+        kv=jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, pad_k))),
+    )
+    kernel = _splash_kernel(q.shape[1], q.shape[2], k.shape[2], SPLASH_INTERPRET)
+    out = jax.vmap(kernel)(q, k, v, segments)
+    return out[:, :, :lq].transpose(0, 2, 1, 3)
+
+
+def _block(n: int) -> int:
+    """The largest of 512/256/128 that divides `n` (a multiple of 128)."""
+    return next(b for b in (512, 256, _LANES) if n % b == 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+    """A bidirectional (full-mask) Splash kernel; GQA follows from the shapes of q and k."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    bq, bkv = _block(q_len), _block(kv_len)
+    sizes = sk.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
+    mask = sm.MultiHeadMask([sm.FullMask((q_len, kv_len))] * heads)
+    # Concrete mask metadata even when first built inside a trace: the cache outlives traces.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(
+            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )

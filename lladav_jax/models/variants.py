@@ -1,4 +1,4 @@
-"""Model variants: `tiny` (tests), `small` (CPU benchmarks) and `8b` (the official LLaDA-V shapes).
+"""Model variants: `tiny` (tests), `small` and `1b` (benchmarks), `8b` (the official shapes).
 
 A model config is an `ml_collections.ConfigDict` with three parts, `text` (LLaDA), `vision`
 (SigLIP) and `image` (AnyRes layout), plus the numeric and memory settings shared by all parts.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("tiny", "small", "8b")
+VARIANTS = ("tiny", "small", "1b", "8b")
 
 
 def _text(**kw) -> ml_collections.ConfigDict:
@@ -76,6 +76,22 @@ def model_config(name: str = "tiny") -> ml_collections.ConfigDict:
         )
         vision = _vision(hidden_size=384, num_layers=7, num_heads=6, intermediate_size=1536)
         image = _image(max_tiles=10, max_visual_tokens=4608)  # 10 tiles: up to ~4300
+    elif name == "1b":
+        # ~1B (0.97B): a Llama-3.2-1B-sized LLaDA (MHA like LLaDA-8B) with a 32k vocabulary,
+        # and the `small` SigLIP on 224 px tiles; the scale benchmarks' middle size.
+        text = _text(
+            vocab_size=32768,
+            hidden_size=2048,
+            num_layers=16,
+            num_heads=16,
+            num_kv_heads=16,
+            head_dim=128,
+            intermediate_size=5632,
+            max_position_embeddings=8192,
+        )
+        vision = _vision(hidden_size=384, num_layers=7, num_heads=6, intermediate_size=1536,
+                         image_size=224)
+        image = _image(max_tiles=10, max_visual_tokens=2688)
     elif name == "tiny":
         text = _text(
             vocab_size=512,  # the demo tokenizer has 480 tokens
@@ -103,6 +119,6 @@ def model_config(name: str = "tiny") -> ml_collections.ConfigDict:
             param_dtype="float32",
             dtype="float32",  # compute dtype; training configs set bfloat16
             remat_policy="none",  # none | full | dots | dots_no_batch | save_attn_out
-            attention_impl="xla",  # xla now; cudnn / splash later
+            attention_impl="xla",  # xla | cudnn (GPU) | splash (TPU) | auto; see attention.py
         )
     )
