@@ -13,7 +13,9 @@ up to PROMPT_BUCKET so that nearby lengths share a compiled program).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pathlib
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,8 +86,12 @@ class Model:
     Not thread-safe: one generation at a time (the streaming callback is per call).
     """
 
-    def __init__(self, module, config, tokenizer: Tokenizer):
+    def __init__(self, module, config, tokenizer: Tokenizer,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
         self.module, self.config, self.tokenizer = module, config, tokenizer
+        # The system prompt every call uses unless it names one: the one the model was
+        # trained with when loaded from a training workdir (a model answers best under it).
+        self.system_prompt = system_prompt
         self.special_ids = SpecialIds.from_tokenizer(tokenizer)
         self._samplers: dict[tuple[SamplerOptions, bool], Callable] = {}
         self._listener: Callable | None = None
@@ -160,7 +166,7 @@ class Model:
         seed: int = 0,
         on_block: Callable[[list[BlockDone]], Any] | None = None,
         return_details: bool = False,
-        system: str = DEFAULT_SYSTEM_PROMPT,
+        system: str | None = None,
     ) -> list[str] | list[Generation]:
         """Answers for (images, prompt) pairs, decoded together as one batch.
 
@@ -171,6 +177,7 @@ class Model:
         options = SamplerOptions(gen_length, steps, block_length, float(temperature), remasking,
                                  float(cfg_scale), cache,
                                  None if threshold is None else float(threshold))
+        system = self.system_prompt if system is None else system
         prompts = [self._encode(images, prompt, system) for images, prompt in items]
         batch = self._collate(prompts, gen_length)
         sampler = self._sampler(options, on_block is not None)
@@ -209,8 +216,9 @@ class Model:
 
         Options: gen_length=128, steps=128, block_length=128, temperature=0.,
         remasking='low_confidence', cfg_scale=0., cache='none' ('prefix', 'dual'),
-        threshold=None, seed=0, system=DEFAULT_SYSTEM_PROMPT. `on_block(BlockDone)` is called
-        after every block; `return_details` gives a Generation (ids, commit steps) instead of text.
+        threshold=None, seed=0, system=None (the model's `system_prompt`).
+        `on_block(BlockDone)` is called after every block; `return_details` gives a Generation
+        (ids, commit steps) instead of text.
         """
         stream = None if on_block is None else (lambda blocks: on_block(blocks[0]))
         (result,) = self.generate_batch([(images, prompt)], on_block=stream,
@@ -222,5 +230,17 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Mode
     """A Model from a model directory, a training workdir (its latest step) or a step directory;
     with a mesh the parameters are restored sharded."""
     module, config = modeldir.load_model(path, mesh=mesh)
-    tokenizer = Tokenizer.load(modeldir.resolve(path).tokenizer_dir)
-    return Model(module, config, tokenizer)
+    paths = modeldir.resolve(path)
+    tokenizer = Tokenizer.load(paths.tokenizer_dir)
+    return Model(module, config, tokenizer, trained_system_prompt(paths.tokenizer_dir))
+
+
+def trained_system_prompt(directory: str | os.PathLike) -> str:
+    """The system prompt of the training run that wrote `directory` (its train_config.json),
+    else the official default."""
+    path = pathlib.Path(directory) / modeldir.TRAIN_CONFIG_FILE
+    if path.is_file():
+        data = json.loads(path.read_text()).get("data", {})
+        if data.get("template", "llava_llada") == "llava_llada" and "system_prompt" in data:
+            return data["system_prompt"]
+    return DEFAULT_SYSTEM_PROMPT

@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             items = [(r["_images"], prompt_of(r)) for r in chunk]
             items += [items[-1]] * (size - len(chunk))
             try:
-                predictions = model.generate_batch(items, seed=args.seed, **options)
+                predictions = model.generate_batch(items, seed=args.seed, system=args.system,
+                                                   **options)
             except ValueError as e:  # e.g. an image that does not decode
                 lines = ", ".join(str(r["_line"]) for r in chunk)
                 raise SystemExit(f"{args.data} (lines {lines}): {e}") from e

@@ -38,6 +38,8 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float,
                    help="parallel decoding: commit every token above this confidence")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", help="system prompt (default: the one the model was trained "
+                   "with, read from a training workdir, else the official one)")
 
 
 def sampler_options(args: argparse.Namespace, base: dict | None = None) -> dict:
@@ -82,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = sampler_options(args)
     streamer = _Streamer(sys.stdout) if args.stream else None
     result = model.generate(args.image, args.prompt, seed=args.seed, on_block=streamer,
-                            return_details=True, **options)
+                            return_details=True, system=args.system, **options)
     if streamer is not None:
         print()
     if args.output_ids:

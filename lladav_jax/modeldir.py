@@ -172,6 +172,7 @@ def save_model_dir(
     return path
 
 
+TRAIN_CONFIG_FILE = "train_config.json"  # training workdir: the whole run config
 CHECKPOINTS_DIR = "checkpoints"  # training workdir: WORKDIR/checkpoints/<step>/params
 
 

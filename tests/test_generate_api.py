@@ -16,6 +16,7 @@ from PIL import Image
 
 from lladav_jax import api, evaluate, generate, modeldir
 from lladav_jax.data import synthetic
+from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT
 from lladav_jax.data.tokenizer import build_demo_tokenizer
 from lladav_jax.models import lladav, variants
 from lladav_jax.visualize import denoising_order_png
@@ -72,6 +73,24 @@ def test_load_from_workdir_and_step_dir(dirs, model):
         assert got.tokenizer.to_json() == model.tokenizer.to_json()
         for a, b in zip(want, _params(got), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_system_prompt_is_the_trained_one(dirs, model, tmp_path):
+    """A training workdir answers under the system prompt it was trained with (train_config.json);
+    a model directory, or a run on the plain template, under the official one."""
+    work = dirs["work"]
+    assert api.load(work).system_prompt == DEFAULT_SYSTEM_PROMPT  # no train_config.json
+    assert model.system_prompt == DEFAULT_SYSTEM_PROMPT
+    config = {"data": {"template": "llava_llada", "system_prompt": "Answer in one word."}}
+    (tmp_path / modeldir.TRAIN_CONFIG_FILE).write_text(json.dumps(config))
+    assert api.trained_system_prompt(tmp_path) == "Answer in one word."
+    config["data"]["template"] = "plain"
+    (tmp_path / modeldir.TRAIN_CONFIG_FILE).write_text(json.dumps(config))
+    assert api.trained_system_prompt(tmp_path) == DEFAULT_SYSTEM_PROMPT
+    # The prompt reaches the tokens: a different system prompt gives a different prompt.
+    a = model._encode(None, "Hi?", model.system_prompt).tokens
+    b = model._encode(None, "Hi?", "Answer in one word.").tokens
+    assert len(a) != len(b)
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
