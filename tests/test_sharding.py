@@ -59,3 +59,43 @@ def test_mesh_that_does_not_fit_is_named():
         parallel.make_mesh({"data": 4, "fsdp": 2, "tensor": 2})
     mesh = parallel.make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_slices_split_the_data_axis():
+    """Multislice: the data axis spans slices, outermost; fsdp and tensor stay in a slice."""
+    mesh = parallel.make_mesh({"data": 2, "fsdp": -1, "tensor": 1, "slices": 2})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    # Without slice_index (CPU): slice k is the k-th block of devices.
+    assert list(mesh.devices[0].flat) == jax.devices()[:4]
+    assert list(mesh.devices[1].flat) == jax.devices()[4:]
+    with pytest.raises(parallel.MeshError, match="data=1 is not a multiple of slices=2"):
+        parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1, "slices": 2})
+    with pytest.raises(parallel.MeshError, match="data=2 is not a multiple of slices=4"):
+        parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2, "slices": 4})
+    # Positional sizes and dicts without `slices` build as before.
+    assert dict(parallel.make_mesh([2, 4, 1]).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+class FakeDevice:
+    """What the hybrid mesh reads of a multislice TPU device (slice_index), on the CPU path."""
+
+    platform, device_kind = "cpu", "fake"
+
+    def __init__(self, id: int, slice_index: int):
+        self.id, self.slice_index = id, slice_index
+
+    def __repr__(self):
+        return f"Fake({self.id}, slice {self.slice_index})"
+
+
+def test_devices_of_a_slice_stay_together():
+    # Slices interleaved in the device list, as process order may give them.
+    devices = [FakeDevice(i, i % 2) for i in range(16)]
+    grid = parallel.device_grid([4, 2, 2], 2, devices)
+    assert grid.shape == (4, 2, 2)
+    slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+    np.testing.assert_array_equal(slice_of[:2], 0)  # data rows 0-1: slice 0, over ICI
+    np.testing.assert_array_equal(slice_of[2:], 1)
+    assert sorted(d.id for d in grid.flat) == list(range(16))
+    with pytest.raises(parallel.MeshError, match="belong to 2 slices"):
+        parallel.device_grid([4, 2, 2], 4, devices)

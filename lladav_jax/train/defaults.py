@@ -65,7 +65,8 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         peak_tflops_per_device=0.0,  # 0: known chips by name; the CPU is measured
         progress_bar=True,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # slices: TPU slices of a multislice job; the data axis spans them (DCN).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, slices=1))
     # auto: jax.distributed.initialize() when a cluster is detected (TPU pod, SLURM);
     # explicit: the three fields below; off: one process.
     c.distributed = ml_collections.ConfigDict(dict(

@@ -8,11 +8,14 @@ the same command on the same workdir resumes exactly where it stopped (bitwise o
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import pathlib
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -22,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lladav_jax import modeldir, parallel
 from lladav_jax.data.example import SKIP_REASONS
+from lladav_jax.data.pipeline import collate
 from lladav_jax.models import lladav
 from lladav_jax.train import evaluate, metrics, optim
 from lladav_jax.train.checkpoint import Checkpoints
@@ -62,7 +66,7 @@ def _write_workdir_files(workdir: pathlib.Path, config, tokenizer) -> None:
         return
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / modeldir.CONFIG_FILE).write_text(modeldir.config_to_json(config.model))
-    (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / modeldir.TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
     tokenizer.save(workdir)
 
 
@@ -117,34 +121,29 @@ def train(config, workdir: str) -> dict:
                         keep=config.train.keep_checkpoints,
                         asynchronous=config.train.async_checkpoints)
     resume = ckpts.latest_step()
-    graphdef, state = nnx.split(lladav.abstract(config.model))
-    trainable_filter = optim.trainable_filter(config.optim.lr)
-    sharded = parallel.abstract_with_shardings(state, parallel.state_shardings(state, mesh))
-    _, trainable_abstract, _ = nnx.split(nnx.merge(graphdef, sharded), trainable_filter, ...)
-    opt_shardings = _opt_state_shardings(tx, trainable_abstract, mesh)
+    layout = model_layout(config, mesh, tx)
+    graphdef, state = layout.graphdef, layout.state
     meta = {"step": 0, "rng": np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist(),
             "nonfinite": 0, "nonfinite_in_a_row": 0, "skips": {}, "pending": []}
     if resume is None:
         params = _initial_params(config, mesh)
         opt_state = None
     else:  # restore straight into the shards that abstract targets describe
-        opt_target = parallel.abstract_with_shardings(jax.eval_shape(tx.init, trainable_abstract),
-                                                      opt_shardings)
-        params, opt_state, meta = ckpts.restore(resume, nnx.to_pure_dict(sharded), opt_target,
-                                                data_iter)
+        params, opt_state, meta = ckpts.restore(resume, nnx.to_pure_dict(layout.sharded),
+                                                abstract_opt_state(tx, layout), data_iter)
         print(f"resumed from step {meta['step']} ({ckpts.manager.directory / str(resume)})")
     nnx.replace_by_pure_dict(state, params)
-    graphdef, trainable, frozen = nnx.split(nnx.merge(graphdef, state), trainable_filter, ...)
+    graphdef, trainable, frozen = nnx.split(nnx.merge(graphdef, state), layout.trainable_filter,
+                                            ...)
     if opt_state is None:
-        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+        opt_state = jax.jit(tx.init, out_shardings=layout.opt_shardings)(trainable)
     state = TrainState(_replicated(mesh, np.asarray(meta["step"], np.int32)), trainable,
                        opt_state, jax.random.wrap_key_data(
                            _replicated(mesh, np.asarray(meta["rng"], np.uint32))))
     # The state leaves the step with the shardings it came in with: one compilation, and the
     # same executable before and after a resume.
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(make_train_step(graphdef, tx, tokenizer.mask_id), donate_argnums=0,
-                      out_shardings=(state_shardings, None))
+    step_fn = jit_train_step(graphdef, tx, tokenizer.mask_id, state_shardings)
 
     writer = metrics.MetricsWriter(workdir_path, meta["step"], enabled=pi == 0)
     peak = metrics.peak_flops_per_device(config.train.peak_tflops_per_device)
@@ -219,6 +218,68 @@ def train(config, workdir: str) -> dict:
             data_iter.close()
     return _finish(config, workdir_path, writer, nnx.merge(graphdef, state.trainable, frozen),
                    tokenizer, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLayout:
+    """The model on a mesh before any array exists: what the trainer fills and `lladav-plan`
+    compiles against."""
+
+    graphdef: nnx.GraphDef
+    state: nnx.State  # ShapeDtypeStructs without shardings (the trainer fills it)
+    sharded: nnx.State  # the same with every parameter's NamedSharding
+    trainable_filter: Callable
+    trainable: nnx.State  # the trained part of `sharded`
+    frozen: nnx.State  # the rest of `sharded`
+    step_graphdef: nnx.GraphDef  # the graphdef of the (trainable, frozen) split
+    opt_shardings: Any
+
+
+def model_layout(config, mesh, tx: optax.GradientTransformation) -> ModelLayout:
+    """Abstract parameters with their shardings, split into trained and frozen parts, and the
+    optimizer state's shardings."""
+    graphdef, state = nnx.split(lladav.abstract(config.model))
+    trainable_filter = optim.trainable_filter(config.optim.lr)
+    sharded = parallel.abstract_with_shardings(state, parallel.state_shardings(state, mesh))
+    step_graphdef, trainable, frozen = nnx.split(nnx.merge(graphdef, sharded), trainable_filter,
+                                                 ...)
+    return ModelLayout(graphdef, state, sharded, trainable_filter, trainable, frozen,
+                       step_graphdef, _opt_state_shardings(tx, trainable, mesh))
+
+
+def abstract_opt_state(tx: optax.GradientTransformation, layout: ModelLayout):
+    """The optimizer state as ShapeDtypeStructs with its shardings (a restore target)."""
+    return parallel.abstract_with_shardings(jax.eval_shape(tx.init, layout.trainable),
+                                            layout.opt_shardings)
+
+
+def abstract_train_state(tx: optax.GradientTransformation, layout: ModelLayout,
+                         mesh) -> TrainState:
+    """The TrainState the loop passes to the step, as ShapeDtypeStructs with the shardings its
+    arrays get (step count and rng replicated, as `_replicated` makes them)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return TrainState(jax.ShapeDtypeStruct((), np.int32, sharding=replicated), layout.trainable,
+                      abstract_opt_state(tx, layout),
+                      jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
+
+
+def abstract_batch(config, mesh, length: int | None = None) -> dict:
+    """The step's batch argument as ShapeDtypeStructs ([accum, micro, ...], sharded as
+    `_global_batch` shards it), for a batch padded to `length` (default data.seq_len).
+    The shapes come from the pipeline's own collate of one empty row."""
+    accum, batch_size = config.train.grad_accum, config.data.batch_size
+    one = collate([], 1, length or config.data.seq_len, config.model, pad_id=0)
+    return {k: jax.ShapeDtypeStruct((accum, batch_size // accum, *v.shape[1:]), v.dtype,
+                                    sharding=_batch_sharding(mesh, v.ndim + 1))
+            for k, v in one.items()}
+
+
+def jit_train_step(graphdef, tx: optax.GradientTransformation, mask_id: int, state_shardings):
+    """The step as the loop runs it: the state donated and leaving with the shardings it came
+    in with (one compilation, the same executable before and after a resume)."""
+    return jax.jit(make_train_step(graphdef, tx, mask_id), donate_argnums=0,
+                   out_shardings=(state_shardings, None))
 
 
 def _replicated(mesh, value: np.ndarray) -> jax.Array:
