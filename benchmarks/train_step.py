@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--variant small] [--rows 1] [--seq_len 2048]
         [--repeats 3] [--warmup 1] [--torch_attn sdpa [eager]] [--no-tiny] [--components]
+    python benchmarks/train_step.py --variant 1b --seq_len 1024 --repeats 2 --sequential --no-tiny
 
 The batch: `rows` rows of `seq_len` tokens, each row one sample with one square image of the
 tile size (AnyRes: base tile + a 1x1 grid = 2 tiles; for `small`, 384 px, 729 + 27 x 28 = 1485
@@ -292,7 +293,7 @@ def check_same_model(ours, theirs: TorchStep, batch: dict) -> float:
 
 
 def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, warmup: int,
-          attns: list[str], check: bool) -> dict:
+          attns: list[str], check: bool, sequential: bool = False) -> dict:
     cfg, batch, info = make_batch(variants.model_config(variant), rows, seq_len, image_px)
     tiles = rows * info["tiles_per_row"]
     flops = metrics.flops_per_step(cfg, (rows, seq_len), tiles)
@@ -300,6 +301,9 @@ def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, wa
           f"{cfg.vision.image_size}px ({info['visual_tokens']} visual + "
           f"{info['answer_tokens']} answer tokens per row); {flops / 1e12:.4f} TFLOP/step",
           flush=True)
+    if sequential:
+        return bench_sequential(cfg, batch, info, attns, repeats, warmup, dict(
+            variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=flops, info=info))
     theirs = {f"torch-{a}": TorchStep(cfg, batch, info, a) for a in attns}
     model = lladav.create(cfg, seed=0)
     if theirs:  # the same initial weights as torch's (all torch models are seeded alike)
@@ -329,6 +333,39 @@ def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, wa
                   f"loss {step.losses[-1]:.3f}", flush=True)
     return dict(variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=flops,
                 info=info, compile_s=ours.compile_s, params=ours.num_params, runs=runs)
+
+
+def _time_steps(name: str, step, repeats: int, warmup: int) -> list[dict]:
+    runs = []
+    for i in range(warmup + repeats):
+        t = timed(step)
+        if i >= warmup:
+            runs.append(t)
+        print(f"  {'warm-up' if i < warmup else 'step   '} {name:11s} {t['wall']:8.3f} s "
+              f"wall {t['cpu']:8.3f} s CPU  load {t['load']:4.1f}  "
+              f"loss {step.losses[-1]:.3f}", flush=True)
+    return runs
+
+
+def bench_sequential(cfg, batch: dict, info: dict, attns: list[str], repeats: int,
+                     warmup: int, res: dict) -> dict:
+    """One framework at a time, each freed before the next is built: for models whose two
+    copies (parameters, gradients, AdamW moments) do not fit in memory together. Each side
+    starts from its own random weights (the logits check is `tiny`'s job)."""
+    runs = {}
+    for attn in attns:
+        step = TorchStep(cfg, batch, info, attn)
+        runs[f"torch-{attn}"] = _time_steps(f"torch-{attn}", step, repeats, warmup)
+        num_params = step.num_params
+        del step
+        gc.collect()
+    ours = JaxStep(lladav.create(cfg, seed=0), batch, info["mask_id"])
+    print(f"ours: {ours.num_params / 1e6:.2f}M params, compiled in {ours.compile_s:.1f} s",
+          flush=True)
+    if attns:
+        assert num_params == ours.num_params, (num_params, ours.num_params)
+    runs = {"ours": _time_steps("ours", ours, repeats, warmup), **runs}
+    return dict(res, compile_s=ours.compile_s, params=ours.num_params, runs=runs)
 
 
 def report(res: dict, peak: float, cpu_peak: float) -> None:
@@ -429,6 +466,8 @@ def main() -> None:
                         help="transformers attention implementations to time (none: ours only)")
     parser.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=True,
                         help="also `tiny`: 16 x 256 tokens, a 56px image per row, 10 repeats")
+    parser.add_argument("--sequential", action="store_true",
+                        help="time one framework at a time (models too big for two copies)")
     parser.add_argument("--components", action="store_true",
                         help="instead of the steps, time attention and head + CE alone")
     args = parser.parse_args()
@@ -452,7 +491,7 @@ def main() -> None:
         results.append(bench("tiny", 16, 256, 56, 10, 2, args.torch_attn, check=True))
     results.append(bench(args.variant, args.rows, args.seq_len,
                          args.image_px or cfg.vision.image_size, args.repeats, args.warmup,
-                         args.torch_attn, check=False))
+                         args.torch_attn, check=False, sequential=args.sequential))
     peaks.append(peak_flops())
     cpu_peaks.append(peak_flops_per_cpu_second())
     peak, cpu_peak = max(peaks), max(c["jax"] for c in cpu_peaks)

@@ -20,12 +20,17 @@ def get_config():
     c.data.system_prompt = "Answer in one word."
     c.data.size = 16384
     c.data.eval_size = 512
-    c.data.num_epochs = 3
+    c.data.num_epochs = 5
     c.data.seq_len = 64
     c.data.batch_size = 32
     c.data.window = 512
     c.data.num_workers = 1
-    c.optim.lr = dict(vision=1e-3, connector=1e-3, llm=1e-3)
+    c.optim.lr = dict(vision=2e-3, connector=2e-3, llm=2e-3)
+    # The 1/p_mask weight makes rare, very large gradients (an answer masked at small t); a
+    # shorter second-moment memory (b2 0.95, not 0.999) lets Adam recover from them within
+    # tens of steps. Held-out accuracy after 1,500 steps at lr 1e-3: 0.54 with 0.95, 0.25-0.39
+    # with 0.999; after 2,560 steps at lr 2e-3 with 0.95: 0.77.
+    c.optim.b2 = 0.95
     c.train.log_every = 32
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2

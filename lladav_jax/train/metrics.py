@@ -122,7 +122,11 @@ def plot_loss(rows: list[dict], out: str | pathlib.Path, title: str = "") -> Non
 
     steps = np.array([r["step"] for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in rows], label="loss")
+    losses = np.array([r["loss"] for r in rows], dtype=float)
+    ax.plot(steps, losses, label="loss")
+    finite = losses[np.isfinite(losses)]
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
+        ax.set_yscale("log")  # the late, slow part of the curve stays visible
     ax.set_xlabel("step")
     ax.set_ylabel("masked-diffusion loss")
     ax.set_title(title)
