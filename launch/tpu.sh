@@ -261,7 +261,9 @@ do_train() {
   args+=(${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
   # Unbuffered, so the log shows progress as it happens; the compilation cache sits in the
   # bucket, so a resumed run (a new VM after preemption) skips recompiling.
-  local env=(PYTHONUNBUFFERED=1 "JAX_COMPILATION_CACHE_DIR=$MOUNT/jax-cache")
+  # LLADAV_DISTRIBUTED: gcloud's TPU VMs do not set the variables jax.distributed's
+  # auto-detection is keyed on here (those are GKE's); this tells the trainer to start it.
+  local env=(PYTHONUNBUFFERED=1 LLADAV_DISTRIBUTED=1 "JAX_COMPILATION_CACHE_DIR=$MOUNT/jax-cache")
   env+=(${ENVS[@]+"${ENVS[@]}"})
   local quoted_env quoted_args
   quoted_env=$(printf '%q ' "${env[@]}")

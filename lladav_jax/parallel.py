@@ -165,11 +165,13 @@ def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
 
 
 def _cluster_detected() -> bool:
-    """A TPU pod slice or a multi-task SLURM job: jax.distributed finds its peers itself."""
+    """A TPU pod slice or a multi-task SLURM job: jax.distributed finds its peers itself.
+    `LLADAV_DISTRIBUTED=1` (set by launch/tpu.sh) says so where no variable does: a Cloud TPU
+    VM's hosts learn their peers from the metadata server, which jax reads itself."""
     env = os.environ
     tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "")
     return "," in tpu_hosts or int(env.get("SLURM_NTASKS", "1")) > 1 or (
-        "MEGASCALE_COORDINATOR_ADDRESS" in env)
+        "MEGASCALE_COORDINATOR_ADDRESS" in env) or env.get("LLADAV_DISTRIBUTED") == "1"
 
 
 def initialize_distributed(settings) -> None:

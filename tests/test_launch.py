@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+from lladav_jax import parallel
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["common.sh", "tpu.sh", "slurm.sh", "slurm_gpu.sbatch"]
@@ -189,6 +191,17 @@ def test_train_starts_the_same_command_on_every_worker():
             "--config.init_from=/mnt/gcs/stage1 >> \"$HOME/lladav-train.log\" 2>&1 < /dev/null &"
             ) in script
     assert "mesh.slices" not in script
+    assert "LLADAV_DISTRIBUTED=1 " in script  # every host starts jax.distributed
+
+
+def test_launch_environment_starts_jax_distributed(monkeypatch):
+    """TPU VMs made by gcloud set none of the cluster variables; LLADAV_DISTRIBUTED does."""
+    for key in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "MEGASCALE_COORDINATOR_ADDRESS",
+                "LLADAV_DISTRIBUTED"):
+        monkeypatch.delenv(key, raising=False)
+    assert not parallel._cluster_detected()
+    monkeypatch.setenv("LLADAV_DISTRIBUTED", "1")
+    assert parallel._cluster_detected()
 
 
 @pytest.fixture
