@@ -1,11 +1,14 @@
 """LLaDA-V stage 2a (single-image SFT): MAmmoTH-VL 10M, AnyRes, everything trains.
 
-    lladav-train --config configs/stage2a.py --workdir gs://bucket/stage2a \\
-        --config.init_from=gs://bucket/stage1 --config.tokenizer=gs://bucket/stage1 \\
-        --config.data.source=array_record --config.data.path='gs://bucket/mammoth_si/*'
+    lladav-train --config configs/stage2a.py --workdir /mnt/gcs/stage2a \\
+        --config.init_from=/mnt/gcs/stage1 --config.tokenizer=/mnt/gcs/stage1 \\
+        --config.data.source=array_record --config.data.path='/mnt/gcs/mammoth_si/*'
 
 DESIGN.md 2.3: lr vision 2e-6, rest 1e-5; global batch 256; max length 8192; bf16; gradient
-checkpointing; cosine with 3% warmup; one epoch. `lladav-plan` checks the mesh fits first.
+checkpointing; cosine with 3% warmup; one epoch. Paths are on a bucket mounted at the same place
+on every host (launch/tpu.sh setup: gcsfuse at /mnt/gcs). Check the mesh and memory first:
+
+    lladav-plan --config configs/stage2a.py --topology v5p-64
 """
 
 from lladav_jax.train.defaults import sft_8b

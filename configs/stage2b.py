@@ -1,8 +1,8 @@
 """LLaDA-V stage 2b (OneVision SFT): MAmmoTH-VL 2M multi-image/video, max length 16384.
 
-    lladav-train --config configs/stage2b.py --workdir gs://bucket/stage2b \\
-        --config.init_from=gs://bucket/stage2a --config.tokenizer=gs://bucket/stage2a \\
-        --config.data.path='gs://bucket/mammoth_ov/*'
+    lladav-train --config configs/stage2b.py --workdir /mnt/gcs/stage2b \\
+        --config.init_from=/mnt/gcs/stage2a --config.tokenizer=/mnt/gcs/stage2a \\
+        --config.data.path='/mnt/gcs/mammoth_ov/*'
 """
 
 from lladav_jax.train.defaults import sft_8b

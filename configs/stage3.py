@@ -1,9 +1,9 @@
 """LLaDA-V stage 3 (reasoning): VisualWebInstruct, then a mix with /think and /no_think.
 
-    lladav-train --config configs/stage3.py --workdir gs://bucket/stage3 \\
-        --config.init_from=gs://bucket/stage2b --config.tokenizer=gs://bucket/stage2b \\
-        --config.data.mixture='[{"source": "array_record", "path": "gs://b/vwi/*", "weight": 0.3},
-                                {"source": "array_record", "path": "gs://b/mix/*", "weight": 0.7}]'
+    lladav-train --config configs/stage3.py --workdir /mnt/gcs/stage3 \\
+        --config.init_from=/mnt/gcs/stage2b --config.tokenizer=/mnt/gcs/stage2b \\
+        --config.data.mixture='[{"source": "array_record", "path": "/mnt/gcs/vwi/*", "weight": 0.3},
+                                {"source": "array_record", "path": "/mnt/gcs/mix/*", "weight": 0.7}]'
 """
 
 from lladav_jax.train.defaults import sft_8b
