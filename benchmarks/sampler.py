@@ -2,10 +2,11 @@
 
     python benchmarks/sampler.py                       # small config, 2-core CPU: ~15 minutes
     python benchmarks/sampler.py --variant tiny --steps 32 --gen_length 64   # a quick look
+    python benchmarks/sampler.py --torch_steps 16 --repeats 1   # the reference at 16 steps, scaled
 
 One 384x384 image (1485 visual tokens) + a question; a 256-token answer in blocks of 32.
-(a) the plain PyTorch reference (tests/torch_sampler.py over transformers' modules, the whole
-sequence every step, as the official sampler); (b) ours, no cache; (c) prefix cache;
+(a) the plain PyTorch reference (lladav_jax/torch_reference.py over transformers' modules, the
+whole sequence every step, as the official sampler); (b) ours, no cache; (c) prefix cache;
 (d) dual cache; (e) dual cache + threshold 0.9. Random weights, so the <|eot_id|> stop is
 switched off (every run decodes every position) and, for (e), the head is sharpened so that
 confidences pass the threshold as a trained model's do (a random model's never would). Same
@@ -30,6 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from lladav_jax import torch_reference
 from lladav_jax.data.image import process_image
 from lladav_jax.data.layout import collate_visual
 from lladav_jax.data.template import encode_prompt
@@ -37,7 +39,6 @@ from lladav_jax.data.tokenizer import build_demo_tokenizer
 from lladav_jax.diffusion import sampler
 from lladav_jax.models import lladav, variants, weights
 from tests import references as ref
-from tests import torch_sampler
 
 
 def build(variant: str, sharpen: float):
@@ -85,6 +86,10 @@ def main() -> None:
     ap.add_argument("--sharpen", type=float, default=30.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip_torch", action="store_true")
+    ap.add_argument("--torch_steps", type=int, default=0,
+                    help="time the reference at this many steps (a multiple of the block count) "
+                         "and scale to --steps: every uncached step is the same full-sequence "
+                         "forward, so its time is linear in steps (default: --steps)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -108,12 +113,17 @@ def main() -> None:
         is_image = np.zeros(tokens.shape, bool)
         is_image[0, starts[0] : starts[0] + img.layout.num_tokens] = True
         images = (pixels, torch.tensor([[img.size[1], img.size[0]]]), is_image)
+        torch_steps = args.torch_steps or args.steps
         start = time.perf_counter()
-        torch_sampler.generate(hf, tokens, np.ones_like(tokens, bool), mask_id=ids.mask,
-                               eot_id=-1, forbidden=ids.forbidden, images=images,
-                               gen_length=args.gen_length, steps=args.steps,
-                               block_length=args.block_length)
-        rows["a PyTorch reference"] = (time.perf_counter() - start, 0.0, args.steps)
+        torch_reference.generate(hf, tokens, np.ones_like(tokens, bool), mask_id=ids.mask,
+                                 eot_id=-1, forbidden=ids.forbidden, images=images,
+                                 gen_length=args.gen_length, steps=torch_steps,
+                                 block_length=args.block_length)
+        seconds = (time.perf_counter() - start) * args.steps / torch_steps
+        if torch_steps != args.steps:
+            print(f"(a) timed at {torch_steps} steps: {seconds * torch_steps / args.steps:.1f} "
+                  f"s, scaled to {args.steps} steps", flush=True)
+        rows["a PyTorch reference"] = (seconds, 0.0, args.steps)
     runs = {
         "b ours, no cache": base,
         "c ours, prefix cache": dataclasses.replace(base, cache="prefix"),
@@ -123,6 +133,7 @@ def main() -> None:
     }
     for name, options in runs.items():
         rows[name] = time_ours(model, prompt, options, ids, args.repeats)
+        print(f"{name}: {rows[name][0]:.2f} s/answer, {rows[name][2]} steps", flush=True)
     b = rows["b ours, no cache"][0]
     print(f"{'run':28s} {'s/answer':>9s} {'compile s':>9s} {'steps':>6s} {'vs (a)':>7s} "
           f"{'vs (b)':>7s}")

@@ -2,8 +2,9 @@
 
     lladav-train --config configs/stage3.py --workdir /mnt/gcs/stage3 \\
         --config.init_from=/mnt/gcs/stage2b --config.tokenizer=/mnt/gcs/stage2b \\
-        --config.data.mixture='[{"source": "array_record", "path": "/mnt/gcs/vwi/*", "weight": 0.3},
-                                {"source": "array_record", "path": "/mnt/gcs/mix/*", "weight": 0.7}]'
+        --config.data.mixture='[
+            {"source": "array_record", "path": "/mnt/gcs/vwi/*", "weight": 0.3},
+            {"source": "array_record", "path": "/mnt/gcs/mix/*", "weight": 0.7}]'
 """
 
 from lladav_jax.train.defaults import sft_8b

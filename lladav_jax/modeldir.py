@@ -162,7 +162,7 @@ def save_model_dir(
         params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
     params = jax.tree.map(lambda x: lazy(x) if isinstance(x, np.ndarray) else x, params,
                           is_leaf=lambda x: isinstance(x, LazyParam))
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).absolute()
     with atomic_dir(path, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config_to_json(cfg))
         handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
@@ -195,8 +195,9 @@ def latest_step_dir(workdir: str | os.PathLike) -> pathlib.Path | None:
 
 def resolve(path: str | os.PathLike) -> ModelPaths:
     """What a `--ckpt` names: a model directory, a training workdir (its latest checkpoint), or
-    one step directory of a workdir (WORKDIR/checkpoints/STEP)."""
-    path = pathlib.Path(path)
+    one step directory of a workdir (WORKDIR/checkpoints/STEP). Paths come back absolute:
+    Orbax reads no metadata through a relative one."""
+    path = pathlib.Path(path).absolute()
     if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
         return ModelPaths(path / CONFIG_FILE, path / PARAMS_DIR, path)
     if (path / PARAMS_DIR).is_dir() and path.parent.name == CHECKPOINTS_DIR:

@@ -9,45 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import transformers
 
-from lladav_jax.data.layout import grid_pinpoints
 from lladav_jax.models import weights
-
-
-def llama_config(cfg) -> transformers.LlamaConfig:
-    t = cfg.text
-    return transformers.LlamaConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rope_theta=t.rope_theta,
-        rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        attn_implementation="eager",
-    )
-
-
-def siglip_config(cfg) -> transformers.SiglipVisionConfig:
-    v = cfg.vision
-    return transformers.SiglipVisionConfig(
-        hidden_size=v.hidden_size, num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-        intermediate_size=v.intermediate_size, image_size=v.image_size, patch_size=v.patch_size,
-        hidden_act="gelu_pytorch_tanh", layer_norm_eps=v.layer_norm_eps,
-        attn_implementation="eager",
-    )
-
-
-def onevision_config(cfg) -> transformers.LlavaOnevisionConfig:
-    """LLaVA-OneVision set up as LLaDA-V: layer -2, anyres_max_4, 36 (h, w) grid pinpoints."""
-    pinpoints = [[h, w] for w, h in grid_pinpoints(cfg.vision.image_size, cfg.image.max_grid)]
-    return transformers.LlavaOnevisionConfig(
-        vision_config=siglip_config(cfg), text_config=llama_config(cfg),
-        vision_feature_layer=cfg.vision.select_layer, vision_feature_select_strategy="full",
-        vision_aspect_ratio=f"anyres_max_{cfg.image.max_num_patches}",
-        image_grid_pinpoints=pinpoints, projector_hidden_act="gelu",
-        image_token_index=cfg.text.vocab_size - 1, tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
+from lladav_jax.torch_reference import (  # noqa: F401  (the tests' builders live there)
+    bidirectional_mask,
+    llama_config,
+    onevision_config,
+    siglip_config,
+)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
@@ -69,14 +38,6 @@ def official_from_onevision(model: torch.nn.Module, cfg) -> dict[str, np.ndarray
     sd = state_dict(model)
     keys = [k for e in weights.lladav_entries(cfg) for k in e.hf_keys()]
     return {k: sd[weights.llava_onevision_key(k)] for k in keys}
-
-
-def bidirectional_mask(key_mask: np.ndarray, num_queries: int | None = None) -> torch.Tensor:
-    """[B, L] visible keys -> the 4-D additive mask [B, 1, Lq, L] with no causal part."""
-    b, n = key_mask.shape
-    lq = n if num_queries is None else num_queries
-    mask = np.where(key_mask[:, None, None, :] > 0, 0.0, torch.finfo(torch.float32).min)
-    return torch.tensor(np.broadcast_to(mask, (b, 1, lq, n)).copy(), dtype=torch.float32)
 
 
 def assert_close(got, want, rel: float = 1e-5) -> None:

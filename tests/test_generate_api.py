@@ -75,6 +75,13 @@ def test_load_from_workdir_and_step_dir(dirs, model):
             np.testing.assert_array_equal(a, b)
 
 
+def test_load_from_a_relative_path(dirs, model, monkeypatch):
+    monkeypatch.chdir(dirs["work"].parent)
+    got = api.load(dirs["work"].name)
+    for a, b in zip(_params(model), _params(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_system_prompt_is_the_trained_one(dirs, model, tmp_path):
     """A training workdir answers under the system prompt it was trained with (train_config.json);
     a model directory, or a run on the plain template, under the official one."""

@@ -1,9 +1,9 @@
 """The LLaDA sampler (DESIGN.md 3.1, 3.2) against a plain PyTorch reference, and its parts.
 
-The reference (tests/torch_sampler.py) runs transformers' LLaVA-OneVision set up as LLaDA-V with
-the same random weights as our model; at temperature 0 with `low_confidence` and no cache the
-generated ids must be equal. Prompts come from the chat template with images (and one without),
-left-padded to a batch.
+The reference (lladav_jax/torch_reference.py) runs transformers' LLaVA-OneVision set up as
+LLaDA-V with the same random weights as our model; at temperature 0 with `low_confidence` and no
+cache the generated ids must be equal. Prompts come from the chat template with images (and one
+without), left-padded to a batch.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import transformers
 from flax import nnx
 from PIL import Image
 
+from lladav_jax import torch_reference
 from lladav_jax.data.image import process_image
 from lladav_jax.data.layout import collate_visual
 from lladav_jax.data.template import encode_prompt
@@ -28,7 +29,6 @@ from lladav_jax.diffusion import sampler
 from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds
 from lladav_jax.models import lladav, variants, weights
 from tests import references as ref
-from tests import torch_sampler
 
 SCALE = 0.3  # weights large enough that argmaxes vary from position to position
 EOT_BIAS = 11.0  # raises <|eot_id|>'s logit by about this much where the answer is still masked
@@ -166,7 +166,7 @@ def test_matches_pytorch_reference(world, gen, block, steps, cfg_scale, model):
     options = dict(gen_length=gen, block_length=block, steps=steps, cfg_scale=cfg_scale)
     ours = run(world, model, **options)
     tokens, valid, images = world["hf_prompt"]
-    want = torch_sampler.generate(
+    want = torch_reference.generate(
         world["hf"][model], tokens, valid, images=images, mask_id=ids.mask, eot_id=ids.eot,
         forbidden=ids.forbidden, **options,
     )
@@ -227,7 +227,7 @@ def test_num_transfer_tokens_remainder_first():
         got, [[3, 3, 2, 2], [2, 2, 2, 1], [1, 1, 1, 0], [0, 0, 0, 0], [2, 2, 2, 2]])
     np.testing.assert_array_equal(got.sum(1), counts)
     mask = torch.arange(10)[None] < torch.tensor(counts)[:, None]
-    np.testing.assert_array_equal(got, torch_sampler.get_num_transfer_tokens(mask, 4).numpy())
+    np.testing.assert_array_equal(got, torch_reference.get_num_transfer_tokens(mask, 4).numpy())
 
 
 def test_select_top_k_and_threshold():

@@ -1,0 +1,254 @@
+"""Every command README.md shows works as shown.
+
+The ```bash blocks are split into commands (continuation lines joined, comments dropped, `&&`
+chains split). Each command either runs here, as a subprocess in a temporary directory, in the
+README's order, or is listed in NOT_RUN with the reason. A README command in neither list fails
+the test, and so does a NOT_RUN entry that the README no longer shows. The ```python blocks
+then run as one script in the same directory.
+
+Substitutions, the README's placeholders made real in the temporary directory:
+- the quickstart's `lladav-train ... --workdir /tmp/lladav-demo` trains a smoke run
+  (`--config.train.steps=20`, as configs/demo.py's docstring shows) into `WORKDIR` in the
+  temporary directory, and every `WORKDIR` (in commands and in the Python example) is that
+  directory's absolute path;
+- `LLaDA-V` (the official release) is a float32 export of that run, and `LLaDA-8B-Instruct` /
+  `siglip2-so400m-patch14-384` its language and vision parts in those releases' layouts;
+- `shapes.png`, `a.png` are synthetic images, `questions.jsonl` three synthetic questions,
+  `data.json` + `img/` a synthetic LLaVA data set;
+- `configs/...` paths point into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from lladav_jax import convert, safetensors_io
+from lladav_jax.data import synthetic
+from lladav_jax.models import weights
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+SMOKE = "--config.train.steps=20"
+
+INSTALLED = "installs packages: this test runs in the environment those commands set up"
+NOT_RUN = {
+    "pip install torch==2.13.0": INSTALLED,
+    "pip install -e .[test]": INSTALLED,
+    "ruff check .": "CI's lint step: .ci/run runs it before the tests",
+    "python -m pytest -q tests": "the whole test suite, this test included",
+    "lladav-plan --config configs/stage2a.py --topology v5p-64":
+        "compiles the 8B training step for 32 simulated chips (minutes of CPU); "
+        "tests/test_plan.py runs lladav-plan",
+}
+
+
+def readme_blocks(language: str) -> list[str]:
+    return [body for lang, body in FENCE.findall(README.read_text()) if lang == language]
+
+
+def readme_commands() -> list[list[str]]:
+    """Every command of the bash blocks as words, `&&` chains split, in README order."""
+    commands = []
+    for block in readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while words:
+                cut = words.index("&&") if "&&" in words else len(words)
+                commands.append(words[:cut])
+                words = words[cut + 1:]
+    return commands
+
+
+def key(words: list[str]) -> str:
+    return " ".join(words)
+
+
+# --- The placeholders ------------------------------------------------------------------------
+
+
+def write_inputs(root: pathlib.Path) -> None:
+    """shapes.png, a.png, questions.jsonl (+ its images), data.json + img/."""
+    for name, index in (("shapes.png", 0), ("a.png", 1)):
+        (root / name).write_bytes(synthetic.make_sample(index, "test")["images"][0])
+    rows = []
+    for i in range(3):
+        sample = synthetic.make_sample(10 + i, "test")
+        (root / f"q{i}.png").write_bytes(sample["images"][0])
+        question = sample["conversations"][0]["value"].replace("<image>\n", "")
+        rows.append({"image": f"q{i}.png", "question": question, "answer": sample["answer"]})
+    (root / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    synthetic.write_llava_json(root / "data.json", root / "img", 8)
+
+
+def official_release(root: pathlib.Path) -> None:
+    """LLaDA-V: the smoke run in the official layout."""
+    convert.export_hf(root / "WORKDIR", root / "LLaDA-V", dtype="float32", progress=False)
+
+
+def stage1_parts(root: pathlib.Path) -> None:
+    """LLaDA-8B-Instruct (HF-port names, LLaDA config) and a SigLIP vision model (names and
+    config as transformers saves a SiglipVisionModel), split from the exported release."""
+    release = root / "LLaDA-V"
+    config = json.loads((release / "config.json").read_text())
+    tensors = safetensors_io.open_checkpoint(release)
+    llm = {k: t for k, t in tensors.items() if weights.llada_key(k) == k}
+    vp = weights.VISION_PREFIX
+    vision = {k.removeprefix(vp): t for k, t in tensors.items()
+              if k.startswith(vp) and "post_layernorm" not in k}
+    v = config["vision_config"]
+    siglip = {"model_type": "siglip_vision_model", "hidden_size": v["hidden_size"],
+              "num_hidden_layers": v["num_layers"], "num_attention_heads": v["num_heads"],
+              "intermediate_size": v["intermediate_size"], "image_size": v["image_size"],
+              "patch_size": v["patch_size"], "layer_norm_eps": v["layer_norm_eps"]}
+    for name, part, part_config in (
+        ("LLaDA-8B-Instruct", llm, {**config, "model_type": "llada"}),
+        ("siglip2-so400m-patch14-384", vision, siglip),
+    ):
+        out = root / name
+        out.mkdir()
+        safetensors_io.write_sharded(
+            out, [safetensors_io.pending(k, np.asarray(t)) for k, t in part.items()])
+        (out / "config.json").write_text(json.dumps(part_config))
+    shutil.copy(release / "tokenizer.json", root / "LLaDA-8B-Instruct")
+
+
+# Run just before the command (they need the smoke run, which the quickstart makes).
+PREPARE: dict[str, Callable[[pathlib.Path], None]] = {
+    "lladav-convert import-hf --hf_dir LLaDA-V --out lladav-8b": official_release,
+    "lladav-convert import-hf --llm LLaDA-8B-Instruct --vision siglip2-so400m-patch14-384 "
+    "--out init": stage1_parts,
+}
+
+
+def substitute(words: list[str], root: pathlib.Path) -> list[str]:
+    workdir = str(root / "WORKDIR")
+    out = [str(REPO / w) if w.startswith("configs/") else w for w in words]
+    out = [workdir if w in ("WORKDIR", "/tmp/lladav-demo") else w for w in out]
+    if out[0] == "lladav-train":
+        out.append(SMOKE)
+    return out
+
+
+# --- What each run must leave ---------------------------------------------------------------
+
+
+def train_outputs(root: pathlib.Path, stdout: str) -> None:
+    work = root / "WORKDIR"
+    for name in ("metrics.jsonl", "tensorboard", "loss.png", "eval.json", "checkpoints"):
+        assert (work / name).exists(), f"the README says the demo run writes {name}"
+    assert json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 20
+
+
+def hf_directory(path: pathlib.Path, dtype: str) -> None:
+    assert json.loads((path / "config.json").read_text())["torch_dtype"] == dtype
+    assert safetensors_io.open_checkpoint(path)
+
+
+def assert_nonempty(path: pathlib.Path) -> None:
+    assert path.is_dir() and any(path.iterdir()), f"{path} is empty"
+
+
+def model_directory(path: pathlib.Path) -> None:
+    assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
+
+
+def eval_outputs(root: pathlib.Path, stdout: str) -> None:
+    rows = [json.loads(line) for line in (root / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("prediction" in r for r in rows)
+    assert "accuracy" in stdout
+
+
+def model_counts(root: pathlib.Path, stdout: str) -> None:
+    """The 8b row of the README's variant table is what the command prints."""
+    (row,) = [line for line in README.read_text().splitlines() if line.startswith("| `8b`")]
+    counts = re.findall(r"\d{1,3}(?:,\d{3})+", row)
+    assert len(counts) == 3 and all(c in stdout for c in counts), (counts, stdout)
+
+
+CHECKS: dict[str, Callable[[pathlib.Path, str], None]] = {
+    "lladav-train --config configs/demo.py --workdir /tmp/lladav-demo": train_outputs,
+    "lladav-data pack-arrayrecord --data_path data.json --image_folder img/ --out shards/ "
+    "--num_shards 64": lambda root, _: assert_nonempty(root / "shards"),
+    "lladav-data build-tfds --data_path data.json --image_folder img/ --out tfds/":
+        lambda root, _: assert_nonempty(root / "tfds"),
+    "lladav-convert import-hf --hf_dir LLaDA-V --out lladav-8b":
+        lambda root, _: model_directory(root / "lladav-8b"),
+    "lladav-convert import-hf --llm LLaDA-8B-Instruct --vision siglip2-so400m-patch14-384 "
+    "--out init": lambda root, _: model_directory(root / "init"),
+    "lladav-convert export-hf --ckpt WORKDIR --out LLaDA-V-finetuned --dtype bfloat16":
+        lambda root, _: hf_directory(root / "LLaDA-V-finetuned", "bfloat16"),
+    "lladav-eval --ckpt WORKDIR --data questions.jsonl --out predictions.jsonl --preset chartqa":
+        eval_outputs,
+    "python -m lladav_jax.models 8b": model_counts,
+}
+
+
+# --- The tests ----------------------------------------------------------------------------------
+
+
+def test_every_command_is_run_or_explained():
+    shown = {key(c) for c in readme_commands()}
+    assert shown, "no ```bash blocks found in README.md"
+    assert not set(NOT_RUN) - shown, f"no longer in the README: {set(NOT_RUN) - shown}"
+    for name in (PREPARE, CHECKS):
+        assert not set(name) - shown, f"no longer in the README: {set(name) - shown}"
+    # The quickstart's two commands are what CI runs: they must stay as they are.
+    blocks = readme_blocks("bash")
+    assert blocks[0].strip() == ("pip install torch==2.13.0 && pip install -e \".[test]\" && "
+                                 "lladav-train --config configs/demo.py --workdir /tmp/lladav-demo")
+    assert blocks[1].strip() == ("pip install torch==2.13.0 && pip install -e \".[test]\" && "
+                                 "ruff check . && python -m pytest -q tests")
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "ruff check ." in ci and "python -m pytest -q tests" in ci
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    """One CPU device, as on a laptop (conftest simulates 8 for the sharding tests)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
+    return env
+
+
+def _run(args: list[str], root: pathlib.Path, env: dict) -> str:
+    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (
+        f"{shlex.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
+        f"{done.stderr[-4000:]}")
+    return done.stdout
+
+
+def test_commands_run_as_shown(tmp_path, env):
+    write_inputs(tmp_path)
+    ran = []
+    for words in readme_commands():
+        k = key(words)
+        if k in NOT_RUN:
+            continue
+        if k in PREPARE:
+            PREPARE[k](tmp_path)
+        stdout = _run(substitute(words, tmp_path), tmp_path, env)
+        if k in CHECKS:
+            CHECKS[k](tmp_path, stdout)
+        ran.append(k)
+    assert ran[0].startswith("lladav-train"), "the smoke run must come first: the rest read it"
+    assert len(ran) >= 8
+
+    # The Python examples, in the same directory: WORKDIR is the smoke run.
+    script = "\n".join(readme_blocks("python"))
+    assert 'lv.load("WORKDIR")' in script
+    script = script.replace('"WORKDIR"', repr(str(tmp_path / "WORKDIR")))
+    _run([sys.executable, "-c", script], tmp_path, env)
