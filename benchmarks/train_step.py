@@ -2,7 +2,12 @@
 
     python benchmarks/train_step.py [--variant small] [--rows 1] [--seq_len 2048]
         [--repeats 3] [--warmup 1] [--torch_attn sdpa [eager]] [--no-tiny] [--components]
-    python benchmarks/train_step.py --variant 1b --seq_len 1024 --repeats 2 --sequential --no-tiny
+    # 1b: one framework per process (torch keeps freed memory in the process: two copies of a
+    # 1B model with AdamW do not fit 24 GB), then compare the two reports
+    python benchmarks/train_step.py --variant 1b --seq_len 1024 --repeats 2 --sequential \
+        --no-tiny --no-ours
+    python benchmarks/train_step.py --variant 1b --seq_len 1024 --repeats 2 --sequential \
+        --no-tiny --torch_attn
 
 The batch: `rows` rows of `seq_len` tokens, each row one sample with one square image of the
 tile size (AnyRes: base tile + a 1x1 grid = 2 tiles; for `small`, 384 px, 729 + 27 x 28 = 1485
@@ -293,7 +298,7 @@ def check_same_model(ours, theirs: TorchStep, batch: dict) -> float:
 
 
 def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, warmup: int,
-          attns: list[str], check: bool, sequential: bool = False) -> dict:
+          attns: list[str], check: bool, sequential: bool = False, ours: bool = True) -> dict:
     cfg, batch, info = make_batch(variants.model_config(variant), rows, seq_len, image_px)
     tiles = rows * info["tiles_per_row"]
     flops = metrics.flops_per_step(cfg, (rows, seq_len), tiles)
@@ -302,7 +307,7 @@ def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, wa
           f"{info['answer_tokens']} answer tokens per row); {flops / 1e12:.4f} TFLOP/step",
           flush=True)
     if sequential:
-        return bench_sequential(cfg, batch, info, attns, repeats, warmup, dict(
+        return bench_sequential(cfg, batch, info, attns, repeats, warmup, ours, dict(
             variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=flops, info=info))
     theirs = {f"torch-{a}": TorchStep(cfg, batch, info, a) for a in attns}
     model = lladav.create(cfg, seed=0)
@@ -348,7 +353,7 @@ def _time_steps(name: str, step, repeats: int, warmup: int) -> list[dict]:
 
 
 def bench_sequential(cfg, batch: dict, info: dict, attns: list[str], repeats: int,
-                     warmup: int, res: dict) -> dict:
+                     warmup: int, run_ours: bool, res: dict) -> dict:
     """One framework at a time, each freed before the next is built: for models whose two
     copies (parameters, gradients, AdamW moments) do not fit in memory together. Each side
     starts from its own random weights (the logits check is `tiny`'s job)."""
@@ -359,6 +364,8 @@ def bench_sequential(cfg, batch: dict, info: dict, attns: list[str], repeats: in
         num_params = step.num_params
         del step
         gc.collect()
+    if not run_ours:
+        return dict(res, compile_s=float("nan"), params=num_params, runs=runs)
     ours = JaxStep(lladav.create(cfg, seed=0), batch, info["mask_id"])
     print(f"ours: {ours.num_params / 1e6:.2f}M params, compiled in {ours.compile_s:.1f} s",
           flush=True)
@@ -385,7 +392,7 @@ def report(res: dict, peak: float, cpu_peak: float) -> None:
               f"MFU per CPU-second {res['flops'] / cpu / cpu_peak:.1%}; load {load:.1f}")
     cpu = {name: statistics.median(r["cpu"] for r in runs) for name, runs in res["runs"].items()}
     for name in med:
-        if name != "ours":
+        if name != "ours" and "ours" in med:
             print(f"  ours / {name}: {med['ours'] / med[name]:.2f} (median wall time), "
                   f"{cpu['ours'] / cpu[name]:.2f} (median CPU-seconds)")
 
@@ -466,6 +473,8 @@ def main() -> None:
                         help="transformers attention implementations to time (none: ours only)")
     parser.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=True,
                         help="also `tiny`: 16 x 256 tokens, a 56px image per row, 10 repeats")
+    parser.add_argument("--ours", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --sequential: also time ours (--no-ours: torch only)")
     parser.add_argument("--sequential", action="store_true",
                         help="time one framework at a time (models too big for two copies)")
     parser.add_argument("--components", action="store_true",
@@ -491,7 +500,8 @@ def main() -> None:
         results.append(bench("tiny", 16, 256, 56, 10, 2, args.torch_attn, check=True))
     results.append(bench(args.variant, args.rows, args.seq_len,
                          args.image_px or cfg.vision.image_size, args.repeats, args.warmup,
-                         args.torch_attn, check=False, sequential=args.sequential))
+                         args.torch_attn, check=False, sequential=args.sequential,
+                         ours=args.ours))
     peaks.append(peak_flops())
     cpu_peaks.append(peak_flops_per_cpu_second())
     peak, cpu_peak = max(peaks), max(c["jax"] for c in cpu_peaks)
