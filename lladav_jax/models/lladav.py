@@ -65,10 +65,7 @@ class LLaDAV(nnx.Module):
         visual_src [B, V, 4] into the T*P flat features, T*P meaning `image_newline`;
         visual_w [B, V, 4].
         """
-        # Rows on their devices from the start: the lookup would otherwise leave the embedding
-        # dimension sharded (as the table is), and the visual scatter below would then run on
-        # every row of the global batch on each device.
-        x = layers.constrain(self.llm.embed(tokens), ("batch", "length", "act_embed"))
+        x = self.llm.embed(tokens)
         if pixels is None:
             return x
         b, t = pixels.shape[:2]

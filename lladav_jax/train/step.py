@@ -62,16 +62,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mask_id: int) ->
             return (acc_grads, acc_total + total, acc_count + count, acc_masked + n_masked), None
 
         accum = jax.tree.leaves(batch)[0].shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.int32(0))
         keys = jax.random.split(step_rng, accum)
-        if accum == 1:  # no accumulator: one gradient-sized buffer less at the peak
-            micro = jax.tree.map(lambda x: x[0], batch)
-            (total, (count, n_masked)), grads = grad_fn(
-                graphdef, state.trainable, frozen, micro, keys[0], mask_id
-            )
-        else:
-            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-            init = (zeros, jnp.float32(0), jnp.float32(0), jnp.int32(0))
-            (grads, total, count, n_masked), _ = jax.lax.scan(accumulate, init, (batch, keys))
+        (grads, total, count, n_masked), _ = jax.lax.scan(accumulate, init, (batch, keys))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = total / count
