@@ -63,8 +63,8 @@ def main() -> None:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     model = api.load(args.ckpt)
-    run_config = modeldir.resolve(args.ckpt).tokenizer_dir / modeldir.TRAIN_CONFIG_FILE
-    seed = json.loads(run_config.read_text())["data"]["seed"] if run_config.is_file() else 0
+    run = modeldir.run_config(modeldir.resolve(args.ckpt).tokenizer_dir)
+    seed = run.get("data", {}).get("seed", 0)  # the held-out split of the run's data seed
     source = SyntheticSource(args.count, split="test", seed=seed)
     rows = [source[i] for i in range(len(source))]
     chance = sum(chance_accuracy(r["question_type"]) for r in rows) / len(rows)

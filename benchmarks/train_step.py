@@ -330,25 +330,29 @@ def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, wa
     # Interleaved, so that other jobs on a shared machine slow all alike.
     for i in range(warmup + repeats):
         for name, step in steps.items():
-            t = timed(step)
+            t = _timed_step(name, step, warm=i < warmup)
             if i >= warmup:
                 runs[name].append(t)
-            print(f"  {'warm-up' if i < warmup else 'step   '} {name:11s} {t['wall']:8.3f} s "
-                  f"wall {t['cpu']:8.3f} s CPU  load {t['load']:4.1f}  "
-                  f"loss {step.losses[-1]:.3f}", flush=True)
     return dict(variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=flops,
                 info=info, compile_s=ours.compile_s, params=ours.num_params, runs=runs)
 
 
+def _timed_step(name: str, step, warm: bool) -> dict:
+    """One step timed, and its line printed."""
+    t = timed(step)
+    print(f"  {'warm-up' if warm else 'step   '} {name:11s} {t['wall']:8.3f} s "
+          f"wall {t['cpu']:8.3f} s CPU  load {t['load']:4.1f}  "
+          f"loss {step.losses[-1]:.3f}", flush=True)
+    return t
+
+
 def _time_steps(name: str, step, repeats: int, warmup: int) -> list[dict]:
+    """`warmup` untimed steps, then the timings of `repeats`."""
     runs = []
     for i in range(warmup + repeats):
-        t = timed(step)
+        t = _timed_step(name, step, warm=i < warmup)
         if i >= warmup:
             runs.append(t)
-        print(f"  {'warm-up' if i < warmup else 'step   '} {name:11s} {t['wall']:8.3f} s "
-              f"wall {t['cpu']:8.3f} s CPU  load {t['load']:4.1f}  "
-              f"loss {step.losses[-1]:.3f}", flush=True)
     return runs
 
 

@@ -13,9 +13,7 @@ up to PROMPT_BUCKET so that nearby lengths share a compiled program).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -238,9 +236,7 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Mode
 def trained_system_prompt(directory: str | os.PathLike) -> str:
     """The system prompt of the training run that wrote `directory` (its train_config.json),
     else the official default."""
-    path = pathlib.Path(directory) / modeldir.TRAIN_CONFIG_FILE
-    if path.is_file():
-        data = json.loads(path.read_text()).get("data", {})
-        if data.get("template", "llava_llada") == "llava_llada" and "system_prompt" in data:
-            return data["system_prompt"]
+    data = modeldir.run_config(directory).get("data", {})
+    if data.get("template", "llava_llada") == "llava_llada" and "system_prompt" in data:
+        return data["system_prompt"]
     return DEFAULT_SYSTEM_PROMPT

@@ -213,6 +213,13 @@ def resolve(path: str | os.PathLike) -> ModelPaths:
     )
 
 
+def run_config(directory: str | os.PathLike) -> dict:
+    """The whole config of the training run that wrote `directory` (a workdir's
+    train_config.json) as plain data; {} where there is none (a model directory)."""
+    path = pathlib.Path(directory) / TRAIN_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(resolve(path).config.read_text()))
 

@@ -128,6 +128,13 @@ def abstract_with_shardings(tree, shardings):
                         tree, shardings)
 
 
+def axes_size(mesh, axes: str | Sequence[str] | None) -> int:
+    """Devices that mesh axes span (one name, several, or None: 1), as a PartitionSpec entry
+    gives them."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in names)
+
+
 def check_divisible(tree, what: str = "parameters") -> None:
     """Raises a MeshError naming every leaf (ShapeDtypeStructs or arrays with NamedShardings)
     whose sharded dimensions the mesh axes do not divide, with the largest axis sizes that
@@ -137,8 +144,8 @@ def check_divisible(tree, what: str = "parameters") -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         mesh = leaf.sharding.mesh
         for i, (dim, axes) in enumerate(zip(leaf.shape, leaf.sharding.spec)):
+            size = axes_size(mesh, axes)
             axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            size = math.prod(mesh.shape[a] for a in axes)
             if len(axes) == 1:
                 dims_of[axes[0]].append(dim)
             if dim % size:

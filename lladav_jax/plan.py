@@ -105,12 +105,10 @@ def _shard_shape(leaf) -> tuple[int, ...]:
     sharding = leaf.sharding
     if not isinstance(sharding, NamedSharding):
         return sharding.shard_shape(leaf.shape)
+    from lladav_jax.parallel import axes_size
+
     spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
-    out = []
-    for dim, axes in zip(leaf.shape, spec):
-        axes = (axes,) if isinstance(axes, str) else (axes or ())
-        out.append(-(-dim // math.prod(sharding.mesh.shape[a] for a in axes)))
-    return tuple(out)
+    return tuple(-(-dim // axes_size(sharding.mesh, axes)) for dim, axes in zip(leaf.shape, spec))
 
 
 def _global_bytes(tree) -> int:
@@ -144,7 +142,6 @@ def lower_train_step(config, mesh, mask_id: int = 0):
     # The schedule's length only changes constants of the program, not its shapes.
     tx, _ = optim.make_optimizer(config.optim, config.train.steps or 1000)
     layout = trainer.model_layout(config, mesh, tx)
-    parallel.check_divisible(layout.sharded)  # a clear error before jax's, mid-trace
     state = trainer.abstract_train_state(tx, layout, mesh)
     batch = trainer.abstract_batch(config, mesh)
     step = trainer.jit_train_step(layout.step_graphdef, tx, mask_id,
@@ -173,7 +170,7 @@ def _flops(compiled) -> float | None:
 
 
 def _compile_sampler(config, mesh, spec: SamplerSpec, tokenizer) -> dict:
-    """The sampler as `compiled_generate` jits it (`sampler.generate` over the model state),
+    """The sampler's program (`sampler.jit_generate`, as `compiled_generate` runs it),
     parameters sharded as `lv.load(DIR, mesh)` places them, the prompt replicated."""
     import jax
     import numpy as np
@@ -201,12 +198,8 @@ def _compile_sampler(config, mesh, spec: SamplerSpec, tokenizer) -> dict:
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
 
-    @jax.jit
-    def run(state, prompt, rng):  # compiled_generate's program
-        return sampler.generate(nnx.merge(graphdef, state), prompt, options, ids, rng)
-
     start = time.perf_counter()
-    compiled = run.lower(state, prompt, rng).compile()
+    compiled = sampler.jit_generate(graphdef, options, ids).lower(state, prompt, rng).compile()
     return {"batch": spec.batch, "prompt_len": prompt_len, "gen_length": spec.gen_length,
             "block_length": spec.block_length, "steps": spec.gen_length, "cache": spec.cache,
             "compile_s": time.perf_counter() - start, "memory": _memory(compiled),
@@ -221,7 +214,7 @@ def plan(config, target: topo.Topology, devices: int | None = None, *, mfu: floa
 
     from lladav_jax import parallel
     from lladav_jax.models import lladav
-    from lladav_jax.train import metrics
+    from lladav_jax.train import metrics, trainer
     from lladav_jax.train.data import load_tokenizer
 
     slices = int(config.mesh.get("slices", 1))
@@ -232,14 +225,8 @@ def plan(config, target: topo.Topology, devices: int | None = None, *, mfu: floa
             f"planning for {n} devices but this process has {len(available)} "
             f"({jax.default_backend()}); run `lladav-plan`, which simulates them on the CPU")
     mesh = parallel.make_mesh(dict(config.mesh), available[:n])
+    trainer.check_batch(config, mesh)
     d = config.data
-    micro = d.batch_size // config.train.grad_accum
-    rows_axes = mesh.shape["data"] * mesh.shape["fsdp"]
-    if d.batch_size % config.train.grad_accum or micro % rows_axes:
-        raise parallel.MeshError(
-            f"data.batch_size {d.batch_size} / train.grad_accum {config.train.grad_accum} = "
-            f"{d.batch_size / config.train.grad_accum:g} rows per micro-batch must be a multiple "
-            f"of data x fsdp = {rows_axes} (the rows are split over both)")
     mask_id, note = _mask_id(config)
     backend = jax.default_backend()
     simulated = backend == "cpu" and target.chip.platform != "cpu"
@@ -254,11 +241,9 @@ def plan(config, target: topo.Topology, devices: int | None = None, *, mfu: floa
     analytic = metrics.flops_per_step(config.model, (d.batch_size, d.seq_len), tiles)
     xla_flops = _flops(compiled)
     memory = _memory(compiled)
-    hbm_use = {}
-    for key, chip in topo.CHIPS.items():
-        usable = chip.hbm_gib * GIB * (1 - hbm_margin)
-        hbm_use[key] = {"hbm_gib": chip.hbm_gib, "usable_gib": usable / GIB,
-                        "fits": memory["total"] <= usable}
+    hbm_use = {key: {"hbm_gib": chip.hbm_gib, "usable_gib": _usable(chip, hbm_margin) / GIB,
+                     "fits": memory["total"] <= _usable(chip, hbm_margin)}
+               for key, chip in topo.CHIPS.items()}
     step_s = analytic / (mfu * target.peak_flops * n)
     tokens = d.batch_size * d.seq_len
     result: dict[str, Any] = {
@@ -293,9 +278,14 @@ def plan(config, target: topo.Topology, devices: int | None = None, *, mfu: floa
         tokenizer = load_tokenizer(config.tokenizer if note is None else "")
         result["sampler"] = _compile_sampler(config, mesh, sampler_spec, tokenizer)
         result["sampler"]["fits"] = {
-            k: result["sampler"]["memory"]["total"] <= c.hbm_gib * GIB * (1 - hbm_margin)
+            k: result["sampler"]["memory"]["total"] <= _usable(c, hbm_margin)
             for k, c in topo.CHIPS.items()}
     return result
+
+
+def _usable(chip: topo.Chip, hbm_margin: float) -> float:
+    """Bytes of a chip's HBM a plan may fill, `hbm_margin` kept free."""
+    return chip.hbm_gib * GIB * (1 - hbm_margin)
 
 
 def _gib(b: float) -> str:

@@ -330,3 +330,7 @@ def test_a_mesh_that_does_not_fit_fails_before_training(tmp_path):
     with pytest.raises(parallel.MeshError, match="does not divide the 8 devices"):
         train(small_config({"mesh.data": 3}), str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
+    # A batch whose micro-batches the 8 devices of the batch axes cannot share.
+    with pytest.raises(parallel.MeshError, match="multiple of data x fsdp = 8"):
+        train(small_config({"data.batch_size": 12}), str(tmp_path / "rows"))
+    assert not (tmp_path / "rows").exists()

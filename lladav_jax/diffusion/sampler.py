@@ -268,13 +268,21 @@ def generate(
     return {"tokens": x[:b, p:], "committed_at": committed_at, "steps": steps}
 
 
-def compiled_generate(model, options: SamplerOptions, ids: SpecialIds,
-                      on_block: Callable | None = None) -> Callable:
-    """A jitted `prompt, rng -> result` for one model and one set of options."""
-    graphdef, state = nnx.split(model)
+def jit_generate(graphdef, options: SamplerOptions, ids: SpecialIds,
+                 on_block: Callable | None = None) -> Callable:
+    """The jitted `state, prompt, rng -> result` of a model's graphdef (`lladav-plan` lowers
+    it from abstract state)."""
 
     @jax.jit
     def run(state, prompt, rng):
         return generate(nnx.merge(graphdef, state), prompt, options, ids, rng, on_block)
 
+    return run
+
+
+def compiled_generate(model, options: SamplerOptions, ids: SpecialIds,
+                      on_block: Callable | None = None) -> Callable:
+    """A jitted `prompt, rng -> result` for one model and one set of options."""
+    graphdef, state = nnx.split(model)
+    run = jit_generate(graphdef, options, ids, on_block)
     return lambda prompt, rng: run(state, prompt, rng)

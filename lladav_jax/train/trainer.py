@@ -107,6 +107,7 @@ def train(config, workdir: str) -> dict:
     parallel.initialize_distributed(config.distributed)
     workdir_path = pathlib.Path(workdir)
     mesh = parallel.make_mesh(dict(config.mesh))
+    check_batch(config, mesh)
     tokenizer = load_tokenizer(config.tokenizer)
     _write_workdir_files(workdir_path, config, tokenizer)
     pi = jax.process_index()
@@ -140,8 +141,6 @@ def train(config, workdir: str) -> dict:
     state = TrainState(_replicated(mesh, np.asarray(meta["step"], np.int32)), trainable,
                        opt_state, jax.random.wrap_key_data(
                            _replicated(mesh, np.asarray(meta["rng"], np.uint32))))
-    # The state leaves the step with the shardings it came in with: one compilation, and the
-    # same executable before and after a resume.
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jit_train_step(graphdef, tx, tokenizer.mask_id, state_shardings)
 
@@ -235,12 +234,25 @@ class ModelLayout:
     opt_shardings: Any
 
 
+def check_batch(config, mesh) -> None:
+    """A clear MeshError where the global batch does not split into `grad_accum` micro-batches
+    whose rows the batch axes (data x fsdp) divide."""
+    d, accum = config.data, config.train.grad_accum
+    rows_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+    if d.batch_size % accum or (d.batch_size // accum) % rows_axes:
+        raise parallel.MeshError(
+            f"data.batch_size {d.batch_size} / train.grad_accum {accum} = "
+            f"{d.batch_size / accum:g} rows per micro-batch must be a multiple "
+            f"of data x fsdp = {rows_axes} (the rows are split over both)")
+
+
 def model_layout(config, mesh, tx: optax.GradientTransformation) -> ModelLayout:
     """Abstract parameters with their shardings, split into trained and frozen parts, and the
-    optimizer state's shardings."""
+    optimizer state's shardings. A MeshError names every parameter the mesh does not divide."""
     graphdef, state = nnx.split(lladav.abstract(config.model))
     trainable_filter = optim.trainable_filter(config.optim.lr)
     sharded = parallel.abstract_with_shardings(state, parallel.state_shardings(state, mesh))
+    parallel.check_divisible(sharded)  # before jax's own error, deep inside a trace
     step_graphdef, trainable, frozen = nnx.split(nnx.merge(graphdef, sharded), trainable_filter,
                                                  ...)
     return ModelLayout(graphdef, state, sharded, trainable_filter, trainable, frozen,
