@@ -108,17 +108,11 @@ def onevision_config(cfg: ml_collections.ConfigDict) -> transformers.LlavaOnevis
 
 def read_tensors(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of an official-layout directory (sharded with an index, or one file)."""
-    hf_dir = pathlib.Path(hf_dir)
-    index = hf_dir / safetensors_io.INDEX_FILE
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{hf_dir}: no safetensors files")
+    # Which files, checked against their index, as the importer finds them; torch reads them.
+    files = sorted({t.path for t in safetensors_io.open_checkpoint(hf_dir).values()})
     out = {}
-    for name in files:
-        with safe_open(hf_dir / name, framework="pt") as f:
+    for path in files:
+        with safe_open(path, framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (not a dict)
     return out
 
