@@ -14,6 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # jax 0.10
     packages=find_packages(include=["lladav_jax", "lladav_jax.*"]),
+    package_data={"lladav_jax.data": ["demo_tokenizer.json"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12.8",
@@ -42,12 +43,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "lladav-train=lladav_jax.train.cli:main",
-            "lladav-convert=lladav_jax.convert:main",
-            "lladav-data=lladav_jax.data.cli:main",
-            "lladav-generate=lladav_jax.generate:main",
-            "lladav-eval=lladav_jax.evaluate:main",
-            "lladav-plan=lladav_jax.plan:main",
+            "lladav-train=lladav_jax.cli.train:main",
+            "lladav-convert=lladav_jax.cli.convert:main",
+            "lladav-data=lladav_jax.cli.data:main",
+            "lladav-generate=lladav_jax.cli.generate:main",
+            "lladav-eval=lladav_jax.cli.eval:main",
+            "lladav-plan=lladav_jax.cli.plan:main",
         ]
     },
 )

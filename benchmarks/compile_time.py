@@ -4,7 +4,7 @@ compile in about the time of 2 (DESIGN.md 4.1).
     python benchmarks/compile_time.py [--variant small] [--layers 2 8] [--devices 1]
         [--seq_len 1024] [--rows_per_device 1] [--repeats 3]
 
-Each run builds the step as `lladav-train` does (`lladav_jax.plan.lower_train_step`: the
+Each run builds the step as `lladav-train` does (`lladav_jax.scale.plan.lower_train_step`: the
 trainer's layout, shardings, donation) for the variant with `text.num_layers` set, on a
 (data 1, fsdp -1, tensor 1) mesh of `--devices` simulated CPU devices, from ShapeDtypeStructs
 (nothing allocated), and times tracing + lowering and XLA:CPU's compile separately. Runs are
@@ -36,12 +36,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from lladav_jax import plan
+    from lladav_jax.scale import plan
 
     plan.use_simulated_cpu_devices(args.devices)  # before JAX's backend starts
     import jax
 
-    from lladav_jax import parallel
+    from lladav_jax.scale import sharding
     from lladav_jax.train.defaults import base_config
 
     def config(layers: int):
@@ -52,7 +52,7 @@ def main() -> None:
         c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
         return c
 
-    mesh = parallel.make_mesh(dict(config(1).mesh))
+    mesh = sharding.make_mesh(dict(config(1).mesh))
     print(f"jax {jax.__version__}, {args.devices} simulated CPU device(s), {os.cpu_count()} "
           f"cores, load average {os.getloadavg()[0]:.2f}; {args.variant} with text.num_layers "
           f"in {args.layers}, {args.rows_per_device * args.devices} x {args.seq_len} tokens",

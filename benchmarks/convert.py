@@ -29,8 +29,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lladav_jax import convert, safetensors_io  # noqa: E402
-from lladav_jax.models import lladav, variants, weights  # noqa: E402
+from lladav_jax.checkpoints import hf_convert, safetensors_io  # noqa: E402
+from lladav_jax.models import hf_params, lladav, variants  # noqa: E402
 
 
 def bench_config(gb: float):
@@ -49,23 +49,23 @@ def bench_config(gb: float):
 
 def write_synthetic(path: pathlib.Path, cfg) -> int:
     """A random bf16 official-layout directory, generated and written a row block at a time."""
-    entries = weights.lladav_entries(cfg)
+    entries = hf_params.lladav_entries(cfg)
     from flax import nnx
 
-    shapes = weights.expected_hf_shapes(
+    shapes = hf_params.expected_hf_shapes(
         entries, nnx.to_pure_dict(nnx.state(lladav.abstract(cfg), nnx.Param)))
     bf16 = np.dtype(ml_dtypes.bfloat16)
 
     def blocks(key: str, shape: tuple[int, ...]):
         rng = np.random.default_rng(zlib.crc32(key.encode()))
-        for a, b in weights.row_ranges(shape, 4, 32 << 20):
+        for a, b in hf_params.row_ranges(shape, 4, 32 << 20):
             yield rng.standard_normal((b - a, *shape[1:]), np.float32).astype(bf16)
 
     tensors = [safetensors_io.PendingTensor(k, s, bf16, lambda k=k, s=s: blocks(k, s))
                for k, s in shapes.items()]
     path.mkdir()
     index = safetensors_io.write_sharded(path, tensors, 5 * 10**9 // 4)  # a few shards
-    (path / "config.json").write_text(json.dumps(convert.config_to_hf(cfg, "bfloat16")))
+    (path / "config.json").write_text(json.dumps(hf_convert.config_to_hf(cfg, "bfloat16")))
     return index["metadata"]["total_size"]
 
 
@@ -91,7 +91,7 @@ def same_tensors(a: pathlib.Path, b: pathlib.Path) -> bool:
     if set(tb) - extra != set(ta):
         return False
     for k, t in ta.items():
-        for start, stop in weights.row_ranges(t.shape, 2, 64 << 20):
+        for start, stop in hf_params.row_ranges(t.shape, 2, 64 << 20):
             x, y = t[start:stop], tb[k][start:stop]
             if not np.array_equal(x.view(np.uint16), y.view(np.uint16)):
                 return False
@@ -101,7 +101,7 @@ def same_tensors(a: pathlib.Path, b: pathlib.Path) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gb", type=float, default=2.1, help="checkpoint size to build (bf16)")
-    p.add_argument("--block_bytes", type=int, default=convert.DEFAULT_BLOCK_BYTES)
+    p.add_argument("--block_bytes", type=int, default=hf_convert.DEFAULT_BLOCK_BYTES)
     p.add_argument("--tmp", default="/tmp")
     args = p.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="lladav-convert-bench-", dir=args.tmp))
@@ -110,11 +110,12 @@ def main() -> None:
         hf, ours, back = work / "hf", work / "ours", work / "back"
         size = write_synthetic(hf, cfg)
         fp32 = size * 2
-        base, _ = measure("import lladav_jax.convert")
-        imp, t_imp = measure(f"from lladav_jax import convert; convert.import_hf({str(hf)!r}, "
-                             f"{str(ours)!r}, block_bytes={args.block_bytes})")
-        exp, t_exp = measure(f"from lladav_jax import convert; convert.export_hf({str(ours)!r}, "
-                             f"{str(back)!r}, block_bytes={args.block_bytes})")
+        base, _ = measure("import lladav_jax.checkpoints.hf_convert")
+        load = "from lladav_jax.checkpoints import hf_convert; hf_convert"
+        imp, t_imp = measure(f"{load}.import_hf({str(hf)!r}, {str(ours)!r}, "
+                             f"block_bytes={args.block_bytes})")
+        exp, t_exp = measure(f"{load}.export_hf({str(ours)!r}, {str(back)!r}, "
+                             f"block_bytes={args.block_bytes})")
         exact = same_tensors(hf, back)
         t = cfg.text
         rows = [

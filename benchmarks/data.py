@@ -44,10 +44,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lladav_jax.data import pipeline, synthetic  # noqa: E402
+from lladav_jax.data.demo_tokenizer import load_demo_tokenizer  # noqa: E402
 from lladav_jax.data.example import SKIP_REASONS  # noqa: E402
 from lladav_jax.data.featurize import Featurizer  # noqa: E402
 from lladav_jax.data.layout import best_grid  # noqa: E402
-from lladav_jax.data.tokenizer import build_demo_tokenizer  # noqa: E402
 from lladav_jax.models import variants  # noqa: E402
 
 MODES = {
@@ -151,7 +151,7 @@ def main() -> None:
         cfg.image.max_tiles = args.max_tiles
     if args.max_visual_tokens:
         cfg.image.max_visual_tokens = args.max_visual_tokens
-    tokenizer = build_demo_tokenizer()
+    tokenizer = load_demo_tokenizer()
     featurize = Featurizer(cfg, tokenizer, seq_len=args.seq_len)
 
     t = time.perf_counter()

@@ -31,14 +31,14 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lladav_jax import torch_reference
+from lladav_jax.checkpoints import torch_reference
+from lladav_jax.checkpoints import torch_reference as ref
+from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.data.image import process_image
 from lladav_jax.data.layout import collate_visual
 from lladav_jax.data.template import encode_prompt
-from lladav_jax.data.tokenizer import build_demo_tokenizer
 from lladav_jax.diffusion import sampler
-from lladav_jax.models import lladav, variants, weights
-from tests import references as ref
+from lladav_jax.models import hf_params, lladav, variants
 
 
 def build(variant: str, sharpen: float):
@@ -49,7 +49,8 @@ def build(variant: str, sharpen: float):
     with torch.no_grad():
         hf.lm_head.weight.mul_(sharpen)
     model = lladav.LLaDAV(cfg, rngs=nnx.Rngs(0))
-    weights.load_hf(model, ref.official_from_onevision(hf, cfg), weights.lladav_entries(cfg), cfg)
+    hf_params.load_hf(model, ref.official_from_onevision(hf, cfg),
+                      hf_params.lladav_entries(cfg), cfg)
     return cfg, hf, model
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    tok = build_demo_tokenizer()
+    tok = load_demo_tokenizer()
     cfg, hf, model = build(args.variant, args.sharpen)
     img, tokens, starts, visual = prompt_inputs(cfg, tok, args.image_size)
     ids = dataclasses.replace(sampler.SpecialIds.from_tokenizer(tok), eot=-1)  # no early stop

@@ -20,9 +20,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lladav_jax import api, modeldir
+from lladav_jax.checkpoints import modeldir
 from lladav_jax.data.synthetic import SyntheticSource, chance_accuracy
-from lladav_jax.evaluate import exact_match
+from lladav_jax.inference import api
+from lladav_jax.inference.scoring import exact_match
 
 SETTINGS = {
     "none": dict(cache="none"),

@@ -17,23 +17,23 @@ trainer's batches pad every row to `image.max_tiles`). Both steps do the same wo
 masking (one t per sample), SigLIP, the connector, LLaDA over the whole row (bidirectional),
 the loss of DESIGN.md 2.2 over the full-vocabulary logits, the backward pass, global-norm
 clipping at 1.0 and AdamW with the stage-2/3 per-part learning rates (everything trains), all
-in float32, from the same initial weights.
+in float32, from the same initial hf_params.
 
 - Ours: `lladav_jax.train.step.make_train_step` under `jax.jit` with the state donated, as
   the trainer runs it (one micro-batch), compiled ahead of the timed steps.
 - PyTorch eager: transformers' `LlavaOnevisionForConditionalGeneration` configured as in
-  `tests/references.py` (Llama made bidirectional by an all-zero 4-D mask), trimmed to what
+  `torch_reference` (Llama made bidirectional by an all-zero 4-D mask), trimmed to what
   LLaDA-V runs (SigLIP's last layer and pooling head removed, features read at the new last
   layer, as the official code does), the same loss written in torch, `clip_grad_norm_` and
   `torch.optim.AdamW` (foreach) with the same per-part learning rates. Attention:
-  `--torch_attn sdpa` (transformers' default) and/or `eager` (as tests/references.py).
+  `--torch_attn sdpa` (transformers' default) and/or `eager` (as torch_reference's).
   For `tiny` the logits of both models are compared first (same weights, same batch).
 
 All steps are timed interleaved (ours, torch, ours, torch, ...) so that other jobs on a shared
 machine slow each alike; a figure is the median of `--repeats` steps after `--warmup` untimed
 ones. Each step also records its process CPU time (all threads) and the load average: on a
 shared machine CPU-seconds per step are the steadier measure of the work done.
-MFU = `metrics.flops_per_step` / step time / the CPU's float32 matmul peak
+MFU = `flops.flops_per_step` / step time / the CPU's float32 matmul peak
 (`metrics.measure_peak_flops`, best of 5 tries before and after the steps); "MFU per
 CPU-second" divides FLOPs per CPU-second of the step by the same matmul's FLOPs per
 CPU-second. torch runs as many threads as JAX's CPU client (the usable cores).
@@ -67,10 +67,16 @@ from PIL import Image
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lladav_jax.checkpoints import torch_reference as ref  # noqa: E402
 from lladav_jax.data.image import process_image  # noqa: E402
 from lladav_jax.data.layout import collate_visual  # noqa: E402
 from lladav_jax.diffusion import objective  # noqa: E402
-from lladav_jax.models import lladav, variants, weights  # noqa: E402
+from lladav_jax.models import (  # noqa: E402
+    flops,
+    hf_params,
+    lladav,
+    variants,
+)
 from lladav_jax.train import metrics, optim  # noqa: E402
 from lladav_jax.train.step import (  # noqa: E402
     MODEL_KEYS,
@@ -78,7 +84,6 @@ from lladav_jax.train.step import (  # noqa: E402
     make_train_step,
     split_accum,
 )
-from tests import references as ref  # noqa: E402
 
 LRS = dict(vision=2e-6, connector=1e-5, llm=1e-5)  # stages 2-3: everything trains
 
@@ -152,7 +157,7 @@ class JaxStep:
 
 
 def torch_model(cfg, attn: str) -> torch.nn.Module:
-    """transformers' LLaVA-OneVision as LLaDA-V (tests/references.py), trimmed to the layers
+    """transformers' LLaVA-OneVision as LLaDA-V (torch_reference), trimmed to the layers
     LLaDA-V runs: SigLIP without its last layer and pooling head, features at the new last
     layer (the official code deletes them; transformers would run them and discard the
     output)."""
@@ -301,20 +306,20 @@ def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, wa
           attns: list[str], check: bool, sequential: bool = False, ours: bool = True) -> dict:
     cfg, batch, info = make_batch(variants.model_config(variant), rows, seq_len, image_px)
     tiles = rows * info["tiles_per_row"]
-    flops = metrics.flops_per_step(cfg, (rows, seq_len), tiles)
+    step_flops = flops.flops_per_step(cfg, (rows, seq_len), tiles)
     print(f"\n== {variant}: {rows} x {seq_len} tokens, {tiles} tiles of "
           f"{cfg.vision.image_size}px ({info['visual_tokens']} visual + "
-          f"{info['answer_tokens']} answer tokens per row); {flops / 1e12:.4f} TFLOP/step",
+          f"{info['answer_tokens']} answer tokens per row); {step_flops / 1e12:.4f} TFLOP/step",
           flush=True)
     if sequential:
         return bench_sequential(cfg, batch, info, attns, repeats, warmup, ours, dict(
-            variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=flops, info=info))
+            variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=step_flops, info=info))
     theirs = {f"torch-{a}": TorchStep(cfg, batch, info, a) for a in attns}
     model = lladav.create(cfg, seed=0)
     if theirs:  # the same initial weights as torch's (all torch models are seeded alike)
         first = next(iter(theirs.values()))
-        weights.load_hf(model, ref.official_from_onevision(first.model, cfg),
-                        weights.lladav_entries(cfg), cfg)
+        hf_params.load_hf(model, ref.official_from_onevision(first.model, cfg),
+                        hf_params.lladav_entries(cfg), cfg)
         for name, step in theirs.items():
             if check:
                 print(f"{name}: logits differ from ours by "
@@ -333,7 +338,7 @@ def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, wa
             t = _timed_step(name, step, warm=i < warmup)
             if i >= warmup:
                 runs[name].append(t)
-    return dict(variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=flops,
+    return dict(variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=step_flops,
                 info=info, compile_s=ours.compile_s, params=ours.num_params, runs=runs)
 
 
@@ -382,7 +387,7 @@ def bench_sequential(cfg, batch: dict, info: dict, attns: list[str], repeats: in
 def report(res: dict, peak: float, cpu_peak: float) -> None:
     tokens = res["rows"] * res["seq_len"]
     print(f"\n{res['variant']}: {res['rows']} x {res['seq_len']} tokens, {res['tiles']} tiles, "
-          f"{res['flops'] / 1e12:.4f} TFLOP/step (metrics.flops_per_step); "
+          f"{res['flops'] / 1e12:.4f} TFLOP/step (flops.flops_per_step); "
           f"ours compiled in {res['compile_s']:.1f} s")
     med = {}
     for name, runs in res["runs"].items():
@@ -431,7 +436,7 @@ def components(cfg, rows: int, seq_len: int, repeats: int = 3) -> None:
         p = torch.softmax(xt @ xt.transpose(-1, -2) * d**-0.5 + mask, -1, dtype=torch.float32)
         ((p @ xt) ** 2).sum().backward()
 
-    flops = 3 * 4 * b * h * n * n * d
+    attn_flops = 3 * 4 * b * h * n * n * d
     rows_out = {
         "attention fwd+bwd, ours (xla)": best(lambda: jax.block_until_ready(grad(xj, xj, xj))),
         "attention fwd+bwd, torch sdpa": best(sdpa),
@@ -460,7 +465,7 @@ def components(cfg, rows: int, seq_len: int, repeats: int = 3) -> None:
     print(f"\ncomponents ({b} x {n} tokens, {h} heads of {d}; attention runs {t.num_layers} "
           f"times a step), best of {repeats}:")
     for name, (wall, cpu) in rows_out.items():
-        f = flops if name.startswith("attention") else head_flops
+        f = attn_flops if name.startswith("attention") else head_flops
         print(f"  {name:32s} {wall * 1e3:8.1f} ms wall {cpu * 1e3:8.1f} ms CPU "
               f"({f / cpu / 1e9:5.1f} GFLOP per CPU-second)", flush=True)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lladav_jax.api import Generation, Model, load
+    from lladav_jax.inference.api import Generation, Model, load
 
 __all__ = ["Generation", "Model", "load"]
 
@@ -18,7 +18,7 @@ __all__ = ["Generation", "Model", "load"]
 def __getattr__(name: str):
     # Lazy: `import lladav_jax` stays light (no JAX) until the API is used.
     if name in __all__:
-        from lladav_jax import api
+        from lladav_jax.inference import api
 
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

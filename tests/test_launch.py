@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from lladav_jax import parallel
+from lladav_jax.scale import sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -199,9 +199,9 @@ def test_launch_environment_starts_jax_distributed(monkeypatch):
     for key in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "MEGASCALE_COORDINATOR_ADDRESS",
                 "LLADAV_DISTRIBUTED"):
         monkeypatch.delenv(key, raising=False)
-    assert not parallel._cluster_detected()
+    assert not sharding._cluster_detected()
     monkeypatch.setenv("LLADAV_DISTRIBUTED", "1")
-    assert parallel._cluster_detected()
+    assert sharding._cluster_detected()
 
 
 @pytest.fixture

@@ -33,9 +33,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from lladav_jax import convert, safetensors_io
+from lladav_jax.checkpoints import hf_convert, safetensors_io
 from lladav_jax.data import synthetic
-from lladav_jax.models import weights
+from lladav_jax.models import hf_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -94,7 +94,7 @@ def write_inputs(root: pathlib.Path) -> None:
 
 def official_release(root: pathlib.Path) -> None:
     """LLaDA-V: the smoke run in the official layout."""
-    convert.export_hf(root / "WORKDIR", root / "LLaDA-V", dtype="float32", progress=False)
+    hf_convert.export_hf(root / "WORKDIR", root / "LLaDA-V", dtype="float32", progress=False)
 
 
 def stage1_parts(root: pathlib.Path) -> None:
@@ -103,8 +103,8 @@ def stage1_parts(root: pathlib.Path) -> None:
     release = root / "LLaDA-V"
     config = json.loads((release / "config.json").read_text())
     tensors = safetensors_io.open_checkpoint(release)
-    llm = {k: t for k, t in tensors.items() if weights.llada_key(k) == k}
-    vp = weights.VISION_PREFIX
+    llm = {k: t for k, t in tensors.items() if hf_params.llada_key(k) == k}
+    vp = hf_params.VISION_PREFIX
     vision = {k.removeprefix(vp): t for k, t in tensors.items()
               if k.startswith(vp) and "post_layernorm" not in k}
     v = config["vision_config"]

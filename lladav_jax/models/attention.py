@@ -26,7 +26,7 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
-from lladav_jax import parallel
+from lladav_jax.scale import sharding
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
@@ -165,7 +165,7 @@ def splash_attention(
     q_segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None,
 ) -> jax.Array:
-    """`attention` by the Splash kernel; under a mesh with logical rules (parallel.
+    """`attention` by the Splash kernel; under a mesh with logical rules (sharding.
     sharding_context) it runs per shard of batch and heads, the sequence whole."""
     b, lq, h, _ = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -178,7 +178,7 @@ def splash_attention(
         return _splash(q, k, v, q_segment_ids, kv_segment_ids)
     batch = _mesh_axes("batch", rules, mesh, b)
     heads = _mesh_axes("act_heads", rules, mesh, h)
-    if heads is not None and hkv % parallel.axes_size(mesh, heads):
+    if heads is not None and hkv % sharding.axes_size(mesh, heads):
         # Too few kv heads to split: give every q head its own copy, which keeps the grouping.
         k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
     qkv, ids = P(batch, None, heads, None), P(batch, None)
@@ -195,7 +195,7 @@ def _mesh_axes(name: str, rules, mesh, dim: int) -> str | tuple[str, ...] | None
     """The mesh axes the rules give logical axis `name`, if they split `dim` evenly."""
     (axes,) = spmd.from_sharding_rules((name,), rules)
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    if not names or not set(names) <= set(mesh.axis_names) or dim % parallel.axes_size(mesh, names):
+    if not names or not set(names) <= set(mesh.axis_names) or dim % sharding.axes_size(mesh, names):
         return None
     return axes
 

@@ -1,6 +1,6 @@
 """Building blocks shared by the vision tower and the language model.
 
-Every parameter carries logical axis names (`out_sharding` metadata); `lladav_jax.parallel`
+Every parameter carries logical axis names (`out_sharding` metadata); `lladav_jax.scale.sharding`
 maps them onto mesh axes. Without a mesh the names are inert.
 """
 

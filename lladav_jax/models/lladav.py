@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lladav_jax import parallel
 from lladav_jax.models import layers
 from lladav_jax.models.llada import LLaDA
 from lladav_jax.models.siglip import SigLIPVision
+from lladav_jax.scale import sharding
 
 
 class Connector(nnx.Module):
@@ -97,14 +97,14 @@ class LLaDAV(nnx.Module):
         return self.llm.logits(self.llm.hidden_states(x, positions, segment_ids))
 
 
-def create(cfg, *, seed: int = 0, mesh=None, rules=parallel.DEFAULT_RULES) -> LLaDAV:
+def create(cfg, *, seed: int = 0, mesh=None, rules=sharding.DEFAULT_RULES) -> LLaDAV:
     """A randomly initialised model. With a mesh, every parameter is born sharded by its logical
     axes (initialised inside one jit with those output shardings, never whole on one device)."""
     make = lambda: LLaDAV(cfg, rngs=nnx.Rngs(seed))
     if mesh is None:
         return nnx.jit(make)()
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
-    shardings = parallel.state_shardings(abstract_state, mesh, rules)
+    shardings = sharding.state_shardings(abstract_state, mesh, rules)
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 

@@ -17,7 +17,7 @@ import pathlib
 import grain
 import orbax.checkpoint as ocp
 
-from lladav_jax.modeldir import CHECKPOINTS_DIR
+from lladav_jax.checkpoints.modeldir import CHECKPOINTS_DIR
 
 
 class Checkpoints:

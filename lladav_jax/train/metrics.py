@@ -1,9 +1,5 @@
-"""What a run reports: metrics.jsonl, TensorBoard events, a loss curve, and MFU.
-
-Model FLOPs per step: 6 x (matmul parameters) per token, plus attention 12 x layers x length x
-width per token (forward + backward). LLaDA's attention is bidirectional: every token attends to
-the whole sequence, so the attention FLOPs are NOT halved as for causal models.
-"""
+"""What a run reports: metrics.jsonl, TensorBoard events, a loss curve, and MFU (model FLOPs
+from `models.flops`)."""
 
 from __future__ import annotations
 
@@ -14,38 +10,10 @@ import time
 import jax
 import numpy as np
 
-from lladav_jax.models.siglip import num_kept_layers
-
 # Peak dense bf16 TFLOP/s per chip, by device kind substring.
 PEAK_TFLOPS = {"v6": 918.0, "v5p": 459.0, "v5 lite": 197.0, "v5e": 197.0, "v4": 275.0,
                "h200": 989.0, "h100": 989.0, "a100": 312.0}  # fmt: skip
 
-
-def _text_matmul_params(t) -> int:
-    attn = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
-    mlp = 3 * t.hidden_size * t.intermediate_size
-    return t.num_layers * (attn + mlp) + t.hidden_size * t.vocab_size  # + the head
-
-
-def _vision_matmul_params(cfg) -> int:
-    v = cfg.vision
-    per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
-    patch = 3 * v.patch_size**2 * v.hidden_size
-    connector = v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size**2
-    return num_kept_layers(v) * per_layer + patch + connector
-
-
-def flops_per_step(cfg, batch_shape: tuple[int, int], tiles: int) -> float:
-    """Training FLOPs of one step: `batch_shape` (rows, length) of text, `tiles` image tiles."""
-    rows, length = batch_shape
-    t, v = cfg.text, cfg.vision
-    tokens = rows * length
-    text = 6 * _text_matmul_params(t) * tokens
-    text += 12 * t.num_layers * length * t.num_heads * t.head_dim * tokens
-    p = (v.image_size // v.patch_size) ** 2
-    vision = 6 * _vision_matmul_params(cfg) * tiles * p
-    vision += 12 * num_kept_layers(v) * p * v.hidden_size * tiles * p
-    return float(text + vision)
 
 
 def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:

@@ -1,0 +1,328 @@
+"""Our model directory: Orbax params + `config.json` + tokenizer files, usable by every command.
+
+    DIR/config.json     the model ConfigDict (`lladav_jax.models.variants`) as JSON
+    DIR/params/         an Orbax PyTree checkpoint of the pure parameter dict, i.e.
+                        `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
+    DIR/tokenizer.json  ... tokenizer files, copied verbatim when given
+
+A directory is written under a temporary name next to DIR and renamed when complete, so an
+interrupted write leaves no half model. Parameters may be `LazyParam`s, written one block at a
+time (a converter's peak memory is one block, not one stacked parameter). Restoring goes
+through abstract targets, so a model is restored directly sharded onto a mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from flax import nnx
+
+from lladav_jax.models import lladav
+from lladav_jax.scale import sharding
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+# Copied as they are between model directories and Hugging Face directories.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
+    "generation_config.json",
+)
+
+Index = tuple[slice, ...]
+
+
+class ModelDirError(ValueError):
+    """A path that is not a usable model directory, or params that do not match its config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyParam:
+    """A parameter produced on demand as (index, block) pairs that together cover `shape`.
+
+    All blocks but the last along an axis must have the first block's shape: it becomes the
+    storage chunk, so every write fills whole chunks and nothing is buffered or read back.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    blocks: Callable[[], Iterable[tuple[Index, np.ndarray]]]
+
+    @property
+    def size(self) -> int:  # read by Orbax (memory estimate, zero-size check)
+        return int(np.prod(self.shape))
+
+
+def lazy(array: np.ndarray) -> LazyParam:
+    """An in-memory array as a one-block LazyParam (avoids Orbax's defensive copy)."""
+    full = tuple(slice(None) for _ in np.shape(array))
+    return LazyParam(tuple(np.shape(array)), np.dtype(array.dtype), lambda: [(full, array)])
+
+
+class _StreamingHandler(ocp.type_handlers.NumpyHandler):
+    """Writes LazyParams block by block, in the format (type string, zarr array) of Orbax's own
+    NumpyHandler: a restore sees ordinary arrays. One parameter at a time, one block at a time."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _background_serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        for value, info, arg in zip(values, infos, args, strict=True):
+            await info.await_path_creation()
+            blocks = iter(value.blocks())
+            index, block = next(blocks)
+            spec = ocp.type_handlers.get_json_tspec_write(
+                info,
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                global_shape=value.shape,
+                local_shape=np.shape(block),  # the chunk shape
+                dtype=value.dtype,
+                process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
+                arg=arg,
+            )
+            store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+            while block is not None:
+                await store[index].write(np.asarray(block, value.dtype))
+                index, block = next(blocks, (None, None))
+
+
+def _registry():
+    # A private registry: LazyParam shares NumpyHandler's type string, which must not replace
+    # the global handler that restores plain numpy leaves.
+    get = ocp.type_handlers.get_type_handler
+    return ocp.type_handlers.create_type_handler_registry(
+        (LazyParam, _StreamingHandler()), (np.ndarray, get(np.ndarray)),
+        (jax.Array, get(jax.Array)),
+    )
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """Yields a temporary directory next to `path`, renamed to `path` when the block succeeds
+    and removed when it fails. Checks up front that `path` is free (unless `overwrite`)."""
+    path = pathlib.Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; remove it or choose another output")
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():  # overwrite: move the old one aside first, drop it after
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def copy_tokenizer(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer files present in `src` into `dst` byte for byte; returns names."""
+    if src is None:
+        return []
+    names = [n for n in TOKENIZER_FILES if (pathlib.Path(src) / n).is_file()]
+    for n in names:
+        shutil.copyfile(pathlib.Path(src) / n, pathlib.Path(dst) / n)
+    return names
+
+
+def config_to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def save_model_dir(
+    path: str | os.PathLike,
+    params: nnx.Module | Mapping,
+    cfg: ml_collections.ConfigDict,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes a model directory. `params`: an nnx model or its pure parameter dict, whose leaves
+    may be jax/numpy arrays or LazyParams. Single-process (conversion, export of a model)."""
+    if isinstance(params, nnx.Module):
+        params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
+    params = jax.tree.map(lambda x: lazy(x) if isinstance(x, np.ndarray) else x, params,
+                          is_leaf=lambda x: isinstance(x, LazyParam))
+    path = pathlib.Path(path).absolute()
+    with atomic_dir(path, overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(config_to_json(cfg))
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        copy_tokenizer(tokenizer_dir, tmp)
+    return path
+
+
+TRAIN_CONFIG_FILE = "train_config.json"  # training workdir: the whole run config
+CHECKPOINTS_DIR = "checkpoints"  # training workdir: WORKDIR/checkpoints/<step>/params
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPaths:
+    """Where a model's config, parameters and tokenizer files are."""
+
+    config: pathlib.Path
+    params: pathlib.Path
+    tokenizer_dir: pathlib.Path
+
+
+def latest_step_dir(workdir: str | os.PathLike) -> pathlib.Path | None:
+    """The newest complete step directory of a training workdir (None if it has none)."""
+    root = pathlib.Path(workdir) / CHECKPOINTS_DIR
+    steps = [d for d in root.iterdir() if d.name.isdigit() and (d / PARAMS_DIR).is_dir()] if (
+        root.is_dir()) else []
+    return max(steps, key=lambda d: int(d.name)) if steps else None
+
+
+def resolve(path: str | os.PathLike) -> ModelPaths:
+    """What a `--ckpt` names: a model directory, a training workdir (its latest checkpoint), or
+    one step directory of a workdir (WORKDIR/checkpoints/STEP). Paths come back absolute:
+    Orbax reads no metadata through a relative one."""
+    path = pathlib.Path(path).absolute()
+    if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
+        return ModelPaths(path / CONFIG_FILE, path / PARAMS_DIR, path)
+    if (path / PARAMS_DIR).is_dir() and path.parent.name == CHECKPOINTS_DIR:
+        workdir = path.parent.parent
+        if (workdir / CONFIG_FILE).is_file():
+            return ModelPaths(workdir / CONFIG_FILE, path / PARAMS_DIR, workdir)
+    if (path / CONFIG_FILE).is_file() and (step := latest_step_dir(path)) is not None:
+        return ModelPaths(path / CONFIG_FILE, step / PARAMS_DIR, path)
+    raise ModelDirError(
+        f"{path} is not a model directory ({CONFIG_FILE} and {PARAMS_DIR}/), a training workdir "
+        f"with a checkpoint ({CONFIG_FILE} and {CHECKPOINTS_DIR}/STEP/{PARAMS_DIR}/), or a step "
+        "directory of one"
+    )
+
+
+def run_config(directory: str | os.PathLike) -> dict:
+    """The whole config of the training run that wrote `directory` (a workdir's
+    train_config.json) as plain data; {} where there is none (a model directory)."""
+    path = pathlib.Path(directory) / TRAIN_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(resolve(path).config.read_text()))
+
+
+def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def _stored_metadata(params_dir: pathlib.Path) -> dict[tuple[str, ...], object]:
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return _flat(ckptr.metadata(params_dir).item_metadata.tree)
+
+
+def _abstract_params(cfg) -> dict:
+    return nnx.to_pure_dict(nnx.state(lladav.abstract(cfg), nnx.Param))
+
+
+def check_params(path: str | os.PathLike, cfg) -> None:
+    """One error naming every parameter missing, unexpected or mis-shaped against the config."""
+    params_dir = resolve(path).params
+    stored = _stored_metadata(params_dir)
+    wanted = _flat(_abstract_params(cfg))
+    name = ".".join
+    problems = [f"missing: {name(k)}" for k in wanted if k not in stored]
+    problems += [f"unexpected: {name(k)}" for k in stored if k not in wanted]
+    problems += [
+        f"{name(k)}: stored {tuple(stored[k].shape)}, config needs {tuple(wanted[k].shape)}"
+        for k in wanted if k in stored and tuple(stored[k].shape) != tuple(wanted[k].shape)
+    ]
+    if problems:
+        raise ModelDirError(f"{params_dir} does not match its {CONFIG_FILE}:\n  "
+                            + "\n  ".join(problems))
+
+
+def load_params(
+    path: str | os.PathLike,
+    cfg: ml_collections.ConfigDict | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+) -> dict:
+    """The pure parameter dict as jax arrays in the config's `param_dtype` (cast on read).
+    With a mesh every array is restored directly into its shards (logical axes -> `rules`)."""
+    cfg = load_config(path) if cfg is None else cfg
+    check_params(path, cfg)
+    state = nnx.state(lladav.abstract(cfg), nnx.Param)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
+    else:
+        shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+    target = sharding.abstract_with_shardings(nnx.to_pure_dict(state), shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(resolve(path).params, target)
+
+
+def load_model(
+    path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules=sharding.DEFAULT_RULES
+) -> tuple[lladav.LLaDAV, ml_collections.ConfigDict]:
+    """(model, config) from a model directory; with a mesh, born sharded (never whole)."""
+    cfg = load_config(path)
+    graphdef, state = nnx.split(lladav.abstract(cfg))
+    nnx.replace_by_pure_dict(state, load_params(path, cfg, mesh=mesh, rules=rules))
+    return nnx.merge(graphdef, state), cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredParam:
+    """One stored parameter, read in slices (`p[index]` -> numpy) without loading the rest."""
+
+    store: ts.TensorStore
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.store.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.store.dtype.numpy_dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.store[index].read().result()
+
+
+def open_params(path: str | os.PathLike) -> dict[tuple[str, ...], StoredParam]:
+    """Every stored parameter by its path in the parameter tree, opened for slice reads
+    (how an exporter streams a model larger than memory)."""
+    params = epath.Path(resolve(path).params)
+    meta = json.loads((params / "_METADATA").read_text()) if (params / "_METADATA").exists() else {}
+    ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(params)
+    context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
+    out = {}
+    for key, m in _stored_metadata(pathlib.Path(params)).items():
+        info = ocp.type_handlers.ParamInfo(
+            name=m.name, parent_dir=params, is_ocdbt_checkpoint=ocdbt,
+            use_zarr3=bool(meta.get("use_zarr3", False)), ts_context=context,
+        )
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+        out[key] = StoredParam(ts.open(ts.Spec(spec), open=True, context=context).result())
+    return out

@@ -1,0 +1,71 @@
+"""lladav-convert: the official Hugging Face / PyTorch layout <-> our model directories.
+
+    lladav-convert import-hf --hf_dir D --out DIR [--param_dtype float32|bfloat16]
+    lladav-convert import-hf --llm DIR --vision DIR --out DIR [--seed N]   # stage-1 start
+    lladav-convert export-hf --ckpt DIR --out D [--dtype bfloat16|float32] [--shard_bytes N]
+
+How it streams and checks: `lladav_jax.checkpoints.hf_convert`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lladav_jax.checkpoints.hf_convert import (
+    DEFAULT_BLOCK_BYTES,
+    DEFAULT_SHARD_BYTES,
+    FLOAT_DTYPES,
+    export_hf,
+    import_hf,
+    import_parts,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lladav-convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-hf", help="official HF layout -> our model directory")
+    imp.add_argument("--hf_dir", help="an official LLaDA-V directory")
+    imp.add_argument("--llm", help="LLaDA-8B(-Instruct) directory (with --vision)")
+    imp.add_argument("--vision", help="SigLIP/SigLIP2 HF directory (with --llm)")
+    imp.add_argument("--out", required=True, help="model directory to create")
+    imp.add_argument("--param_dtype", default="float32", choices=FLOAT_DTYPES)
+    imp.add_argument("--seed", type=int, default=0, help="connector init (with --llm)")
+    exp = sub.add_parser("export-hf", help="our model directory -> official HF layout")
+    exp.add_argument("--ckpt", required=True, help="model directory")
+    exp.add_argument("--out", required=True, help="HF directory to create")
+    exp.add_argument("--dtype", default="bfloat16", choices=FLOAT_DTYPES)
+    exp.add_argument("--shard_bytes", type=int, default=DEFAULT_SHARD_BYTES)
+    for q in (imp, exp):
+        q.add_argument("--block_bytes", type=int, default=DEFAULT_BLOCK_BYTES,
+                       help="bytes moved at a time (bounds peak memory)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    try:
+        if args.command == "export-hf":
+            export_hf(args.ckpt, args.out, dtype=args.dtype, shard_bytes=args.shard_bytes,
+                      block_bytes=args.block_bytes)
+        elif args.hf_dir and not (args.llm or args.vision):
+            import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype,
+                      block_bytes=args.block_bytes)
+        elif args.llm and args.vision and not args.hf_dir:
+            import_parts(args.llm, args.vision, args.out, seed=args.seed,
+                         param_dtype=args.param_dtype, block_bytes=args.block_bytes)
+        else:
+            p.error("import-hf takes either --hf_dir, or --llm and --vision")
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        # WeightMappingError, SafetensorsError, ModelDirError, ConversionError are ValueErrors.
+        print(f"lladav-convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

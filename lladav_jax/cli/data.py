@@ -1,0 +1,58 @@
+"""lladav-data: turn a LLaVA JSON + image folder into ArrayRecord shards or a TFDS dataset.
+
+  lladav-data pack-arrayrecord --data_path D.json --image_folder IMGS --out DIR --num_shards N
+  lladav-data build-tfds --data_path D.json --image_folder IMGS --out DIR [--name NAME]
+
+(also `python -m lladav_jax.cli.data ...`). Both print the counts of samples, images, missing
+images and malformed samples; neither drops a sample (bad ones are marked for the featurizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data_path", "--data-path", required=True, help="LLaVA .json or .jsonl")
+    p.add_argument(
+        "--image_folder",
+        "--image-folder",
+        default=None,
+        help="folder the `image` paths are relative to (default: the data file's)",
+    )
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lladav-data", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    pack = sub.add_parser("pack-arrayrecord", help="pack samples + image bytes into shards")
+    _common(pack)
+    pack.add_argument("--num_shards", "--num-shards", type=int, default=16)
+    pack.add_argument(
+        "--num_threads", "--num-threads", type=int, default=8, help="threads reading image files"
+    )
+    tf = sub.add_parser("build-tfds", help="build a TFDS dataset (array_record, no TensorFlow)")
+    _common(tf)
+    tf.add_argument("--name", default=None, help="TFDS config name (default: the file's stem)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "pack-arrayrecord":
+        from lladav_jax.data.sources.array_record import pack
+
+        pack(args.data_path, args.image_folder, args.out, args.num_shards, args.num_threads)
+    else:
+        from lladav_jax.data.sources.tfds import build_tfds
+
+        path = build_tfds(args.out, args.data_path, args.image_folder, name=args.name)
+        print(f"read it with: TfdsSource({path!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

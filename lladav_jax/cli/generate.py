@@ -1,0 +1,104 @@
+"""lladav-generate: answer one question about images (DESIGN.md 5).
+
+  lladav-generate --ckpt DIR --image PATH [--image PATH ...] --prompt TEXT [--gen_length N]
+    [--steps N] [--block_length N] [--temperature T] [--remasking low_confidence|random]
+    [--cfg_scale S] [--cache none|prefix|dual] [--threshold P] [--seed S] [--output_ids]
+    [--stream] [--order_png PATH]
+
+Prints the answer. With --output_ids it prints one JSON line instead: the answer, its token ids,
+every generated id and the steps run. --stream prints each block's text as it is decoded;
+--order_png draws the order in which the answer's tokens were committed.
+(also `python -m lladav_jax.cli.generate ...`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from lladav_jax.diffusion.sampler import CACHES, REMASKING
+
+DEFAULTS = dict(gen_length=128, steps=128, block_length=128, temperature=0.0,
+                remasking="low_confidence", cfg_scale=0.0, cache="none", threshold=None)
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """--ckpt and the sampler options; unset options are None (the caller picks defaults)."""
+    p.add_argument("--ckpt", required=True,
+                   help="a model directory, a training workdir (latest step) or a step directory")
+    p.add_argument("--gen_length", type=int, help="answer length in tokens (default 128)")
+    p.add_argument("--steps", type=int, help="denoising steps in all (default 128)")
+    p.add_argument("--block_length", type=int, help="tokens per block (default 128)")
+    p.add_argument("--temperature", type=float, help="Gumbel noise temperature (default 0)")
+    p.add_argument("--remasking", choices=REMASKING, help="default low_confidence")
+    p.add_argument("--cfg_scale", type=float, help="classifier-free guidance (default 0: off)")
+    p.add_argument("--cache", choices=CACHES, help="KV cache (default none)")
+    p.add_argument("--threshold", type=float,
+                   help="parallel decoding: commit every token above this confidence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", help="system prompt (default: the one the model was trained "
+                   "with, read from a training workdir, else the official one)")
+
+
+def sampler_options(args: argparse.Namespace, base: dict | None = None) -> dict:
+    """Options for Model.generate: flags given, else `base` (a preset), else DEFAULTS."""
+    out = {**DEFAULTS, **(base or {})}
+    out.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lladav-generate", description=__doc__.split("\n\n")[0])
+    add_sampler_flags(p)
+    p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--output_ids", action="store_true",
+                   help="print one JSON line with the answer and the generated token ids")
+    p.add_argument("--stream", action="store_true", help="print each block as it is decoded")
+    p.add_argument("--order_png", help="save a picture of the denoising order here")
+    return p
+
+
+class _Streamer:
+    """Prints the new part of the answer after each block."""
+
+    def __init__(self, out):
+        self.out, self.shown = out, ""
+
+    def __call__(self, block) -> None:
+        # A multi-byte character cut by the block's end decodes as U+FFFD: wait for the rest.
+        text = block.text.rstrip("\ufffd")
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from lladav_jax.inference import api  # jax is imported only once the flags are good
+
+    model = api.load(args.ckpt)
+    options = sampler_options(args)
+    streamer = _Streamer(sys.stdout) if args.stream else None
+    result = model.generate(args.image, args.prompt, seed=args.seed, on_block=streamer,
+                            return_details=True, system=args.system, **options)
+    if streamer is not None:
+        print()
+    if args.output_ids:
+        print(json.dumps({"answer": result.text, "ids": result.ids,
+                          "tokens": result.tokens.tolist(), "steps": result.steps}))
+    elif streamer is None:
+        print(result.text)
+    if args.order_png:
+        from lladav_jax.inference.visualize import denoising_order_png
+
+        denoising_order_png(result.tokens, result.committed_at, model.tokenizer, args.order_png)
+        print(f"denoising order: {args.order_png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

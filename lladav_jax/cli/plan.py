@@ -1,0 +1,82 @@
+"""lladav-plan: does a run fit a topology, and how fast could it go? Compiles, never allocates.
+
+    lladav-plan --config configs/stage2a.py --topology v5p-64 [--devices N] [--mfu 0.45]
+        [--hbm_margin 0.1] [--json plan.json] [--nosampler] [--config.data.seq_len=4096]
+
+What is compiled and reported: `lladav_jax.scale.plan`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lladav_jax.scale import topology as topo
+from lladav_jax.scale.plan import SamplerSpec, plan, report, use_simulated_cpu_devices
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A training config, e.g. configs/stage2a.py.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, f"Target slice, e.g. {', '.join(topo.names())}. With mesh.slices = K, "
+    "K such slices.")
+_DEVICES = flags.DEFINE_integer(
+    "devices", None, "Devices to plan for (default: the topology's chips x mesh.slices).")
+_SIMULATE = flags.DEFINE_boolean(
+    "simulate", True, "Compile for the CPU with that many simulated devices. --nosimulate "
+    "uses this machine's own devices and compiler (a TPU VM or GPU node with enough of them).")
+_MFU = flags.DEFINE_float("mfu", 0.45, "Model FLOPs utilisation assumed for the step time.")
+_MARGIN = flags.DEFINE_float(
+    "hbm_margin", 0.1, "Share of HBM kept free (runtime reserve, compiler differences).")
+_JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+_SAMPLER = flags.DEFINE_boolean("sampler", True, "Also compile the sampler (inference memory).")
+_INFER_BATCH = flags.DEFINE_integer("infer_batch", 1, "Sampler: prompts decoded together.")
+_PROMPT_LEN = flags.DEFINE_integer(
+    "prompt_len", 0, "Sampler: prompt tokens (default: image.max_visual_tokens + 128, the "
+    "largest AnyRes image with a short question).")
+_GEN_LENGTH = flags.DEFINE_integer("gen_length", 128, "Sampler: answer tokens.")
+_BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Sampler: block length.")
+_CACHE = flags.DEFINE_enum("cache", "dual", ["none", "prefix", "dual"], "Sampler: KV cache.")
+
+
+def _run(argv) -> None:
+    del argv
+    config = _CONFIG.value
+    try:
+        target = topo.parse(_TOPOLOGY.value)
+    except topo.TopologyError as e:
+        sys.exit(f"lladav-plan: {e}")
+    n = _DEVICES.value or target.chips * int(config.mesh.get("slices", 1))
+    if _SIMULATE.value:
+        use_simulated_cpu_devices(n)
+    import jax
+
+    if _SIMULATE.value and jax.device_count() != n:
+        sys.exit(f"lladav-plan: asked for {n} simulated CPU devices but JAX started with "
+                 f"{jax.device_count()} (its backend was initialised before the flag took)")
+    spec = None
+    if _SAMPLER.value:
+        spec = SamplerSpec(_INFER_BATCH.value, _PROMPT_LEN.value, _GEN_LENGTH.value,
+                           _BLOCK_LENGTH.value, _CACHE.value)
+    from lladav_jax.scale.sharding import MeshError
+
+    try:
+        result = plan(config, target, n, mfu=_MFU.value, hbm_margin=_MARGIN.value,
+                      sampler_spec=spec)
+    except MeshError as e:
+        sys.exit(f"lladav-plan: {e}")
+    print(report(result), flush=True)
+    if _JSON.value:
+        with open(_JSON.value, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+def main() -> None:
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(_run)
+
+
+if __name__ == "__main__":
+    main()

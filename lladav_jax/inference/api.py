@@ -1,0 +1,242 @@
+"""The Python API: `lladav_jax.load(DIR)` -> a `Model` that answers questions about images.
+
+    import lladav_jax as lv
+    m = lv.load("workdir")                      # a model dir, a training workdir or a step dir
+    m.generate("cat.png", "What is this?", gen_length=32, steps=32, block_length=32)
+    m.generate_batch([("a.png", "Color?"), (["b.png", "c.png"], "Same?")], cache="dual")
+
+Images may be PIL images, paths or encoded bytes; a prompt without `<image>` tags gets one
+`<image>\\n` per image in front. Prompts of a batch are left-padded to a common length (rounded
+up to PROMPT_BUCKET so that nearby lengths share a compiled program).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+
+from lladav_jax.checkpoints import modeldir
+from lladav_jax.data.featurize import load_image
+from lladav_jax.data.image import ProcessedImage, process_image
+from lladav_jax.data.layout import collate_visual
+from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, encode_prompt
+from lladav_jax.data.tokenizer import Tokenizer
+from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds, compiled_generate
+
+PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this (fewer recompiles)
+
+ImageInput = Image.Image | str | os.PathLike | bytes
+Images = ImageInput | Sequence[ImageInput] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One answer with the sampler's record of it."""
+
+    text: str  # the answer: the text before <|eot_id|>
+    ids: list[int]  # its token ids
+    tokens: np.ndarray  # [gen_length] every generated position (mask id where it stopped early)
+    committed_at: np.ndarray  # [gen_length] the step that committed each token, -1 never
+    steps: int  # denoising steps the batch ran
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDone:
+    """What `on_block` receives after each block: the answer so far."""
+
+    index: int
+    num_blocks: int
+    text: str
+    tokens: np.ndarray  # [gen_length]; masks in blocks not decoded yet
+    done: bool  # <|eot_id|> reached: later blocks add nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prompt:
+    tokens: np.ndarray
+    images: list[tuple[ProcessedImage, int]]  # (image, placeholder start in the prompt)
+
+
+def _as_list(images: Images) -> list[ImageInput]:
+    if images is None:
+        return []
+    if isinstance(images, Image.Image | str | os.PathLike | bytes | bytearray | memoryview):
+        return [images]
+    return list(images)
+
+
+def _as_pil(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    return load_image(image)
+
+
+class Model:
+    """A loaded LLaDA-V with its tokenizer; compiled samplers are cached per option set.
+
+    Not thread-safe: one generation at a time (the streaming callback is per call).
+    """
+
+    def __init__(self, module, config, tokenizer: Tokenizer,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        self.module, self.config, self.tokenizer = module, config, tokenizer
+        # The system prompt every call uses unless it names one: the one the model was
+        # trained with when loaded from a training workdir (a model answers best under it).
+        self.system_prompt = system_prompt
+        self.special_ids = SpecialIds.from_tokenizer(tokenizer)
+        self._samplers: dict[tuple[SamplerOptions, bool], Callable] = {}
+        self._listener: Callable | None = None
+        self._lock = threading.Lock()
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def _encode(self, images: Images, prompt: str, system: str) -> _Prompt:
+        processed = [process_image(_as_pil(x), self.config) for x in _as_list(images)]
+        tiles = sum(p.tiles.shape[0] for p in processed)
+        visual = sum(p.layout.num_tokens for p in processed)
+        limits = self.config.image
+        if tiles > limits.max_tiles or visual > limits.max_visual_tokens:
+            raise ValueError(
+                f"the {len(processed)} image(s) of prompt {prompt[:40]!r} need {tiles} tiles and "
+                f"{visual} visual tokens; the model takes at most image.max_tiles="
+                f"{limits.max_tiles} and image.max_visual_tokens={limits.max_visual_tokens}"
+            )
+        tokens, starts = encode_prompt(
+            self.tokenizer, prompt, [p.layout.num_tokens for p in processed], system=system
+        )
+        return _Prompt(tokens, list(zip(processed, starts, strict=True)))
+
+    def _collate(self, prompts: list[_Prompt], gen_length: int) -> dict[str, np.ndarray]:
+        longest = max(len(p.tokens) for p in prompts)
+        p_len = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        tokens = np.full((len(prompts), p_len), self.tokenizer.pad_id, np.int32)
+        valid = np.zeros((len(prompts), p_len), bool)
+        visual = []
+        for i, p in enumerate(prompts):
+            pad = p_len - len(p.tokens)
+            tokens[i, pad:], valid[i, pad:] = p.tokens, True
+            visual.append([(img, start + pad) for img, start in p.images])  # left padding
+        batch = {"tokens": tokens, "valid": valid}
+        if any(visual):
+            # Unused visual slots point at p_len + gen_length: past the end, dropped.
+            batch.update(collate_visual(visual, self.config, p_len + gen_length))
+        return batch
+
+    # -- sampling --------------------------------------------------------------------------------
+    def _sampler(self, options: SamplerOptions, streaming: bool) -> Callable:
+        key = (options, streaming)
+        if key not in self._samplers:
+            # One trampoline per model: a new on_block per call must not recompile.
+            hook = self._on_block if streaming else None
+            self._samplers[key] = compiled_generate(self.module, options, self.special_ids, hook)
+        return self._samplers[key]
+
+    def _on_block(self, block, tokens) -> None:
+        if self._listener is not None:
+            self._listener(int(block), np.asarray(tokens))
+
+    def answer(self, tokens: np.ndarray) -> tuple[str, list[int]]:
+        """(text, ids) of one row of generated tokens: everything before the first <|eot_id|>."""
+        tokens = np.asarray(tokens)
+        eot = np.flatnonzero(tokens == self.special_ids.eot)
+        ids = tokens[: eot[0]] if eot.size else tokens
+        ids = [int(t) for t in ids if t != self.special_ids.mask]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids
+
+    def generate_batch(
+        self,
+        items: Sequence[tuple[Images, str]],
+        *,
+        gen_length: int = 128,
+        steps: int = 128,
+        block_length: int = 128,
+        temperature: float = 0.0,
+        remasking: str = "low_confidence",
+        cfg_scale: float = 0.0,
+        cache: str = "none",
+        threshold: float | None = None,
+        seed: int = 0,
+        on_block: Callable[[list[BlockDone]], Any] | None = None,
+        return_details: bool = False,
+        system: str | None = None,
+    ) -> list[str] | list[Generation]:
+        """Answers for (images, prompt) pairs, decoded together as one batch.
+
+        `on_block(blocks)` gets one BlockDone per item after every block (for streaming).
+        """
+        if not items:
+            return []
+        options = SamplerOptions(gen_length, steps, block_length, float(temperature), remasking,
+                                 float(cfg_scale), cache,
+                                 None if threshold is None else float(threshold))
+        system = self.system_prompt if system is None else system
+        prompts = [self._encode(images, prompt, system) for images, prompt in items]
+        batch = self._collate(prompts, gen_length)
+        sampler = self._sampler(options, on_block is not None)
+
+        def listener(block: int, tokens: np.ndarray) -> None:
+            blocks = []
+            for row in tokens:
+                text, _ = self.answer(row)
+                done = bool(np.any(row == self.special_ids.eot))
+                blocks.append(BlockDone(block, options.num_blocks, text, row, done))
+            on_block(blocks)
+
+        with self._lock:
+            self._listener = listener if on_block is not None else None
+            try:
+                out = jax.device_get(sampler(batch, jax.random.key(seed)))
+            finally:
+                self._listener = None
+        tokens, committed_at = np.asarray(out["tokens"]), np.asarray(out["committed_at"])
+        results = []
+        for row, at in zip(tokens, committed_at, strict=True):
+            text, ids = self.answer(row)
+            results.append(Generation(text, ids, row, at, int(out["steps"])))
+        return results if return_details else [r.text for r in results]
+
+    def generate(
+        self,
+        images: Images,
+        prompt: str,
+        *,
+        on_block: Callable[[BlockDone], Any] | None = None,
+        return_details: bool = False,
+        **options,
+    ) -> str | Generation:
+        """The answer to `prompt` about `images` (one image, a list, or None).
+
+        Options: gen_length=128, steps=128, block_length=128, temperature=0.,
+        remasking='low_confidence', cfg_scale=0., cache='none' ('prefix', 'dual'),
+        threshold=None, seed=0, system=None (the model's `system_prompt`).
+        `on_block(BlockDone)` is called after every block; `return_details` gives a Generation
+        (ids, commit steps) instead of text.
+        """
+        stream = None if on_block is None else (lambda blocks: on_block(blocks[0]))
+        (result,) = self.generate_batch([(images, prompt)], on_block=stream,
+                                        return_details=return_details, **options)
+        return result
+
+
+def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Model:
+    """A Model from a model directory, a training workdir (its latest step) or a step directory;
+    with a mesh the parameters are restored sharded."""
+    module, config = modeldir.load_model(path, mesh=mesh)
+    paths = modeldir.resolve(path)
+    tokenizer = Tokenizer.load(paths.tokenizer_dir)
+    return Model(module, config, tokenizer, trained_system_prompt(paths.tokenizer_dir))
+
+
+def trained_system_prompt(directory: str | os.PathLike) -> str:
+    """The system prompt of the training run that wrote `directory` (its train_config.json),
+    else the official default."""
+    data = modeldir.run_config(directory).get("data", {})
+    if data.get("template", "llava_llada") == "llava_llada" and "system_prompt" in data:
+        return data["system_prompt"]
+    return DEFAULT_SYSTEM_PROMPT

@@ -1,0 +1,90 @@
+"""From the `data` settings to a source, a featurizer and the per-process batch iterator."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lladav_jax.data import pipeline
+from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
+from lladav_jax.data.example import BATCH_KEYS
+from lladav_jax.data.featurize import Featurizer
+from lladav_jax.data.synthetic import SyntheticSource
+from lladav_jax.data.tokenizer import Tokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    return Tokenizer.load(path) if path else load_demo_tokenizer()
+
+
+def _one_source(kind: str, spec, seed: int) -> Any:
+    if kind == "synthetic":
+        return SyntheticSource(spec.get("size", 4096), split="train", seed=seed)
+    if not spec.get("path"):
+        raise ValueError(f"data source {kind!r} needs a path (--config.data.path=...)")
+    if kind == "llava_json":
+        from lladav_jax.data.sources.llava_json import LlavaJsonSource
+
+        return LlavaJsonSource(spec["path"], spec.get("image_folder") or None)
+    if kind == "array_record":
+        from lladav_jax.data.sources.array_record import ArrayRecordSource
+
+        return ArrayRecordSource(spec["path"])
+    if kind == "tfds":
+        from lladav_jax.data.sources.tfds import TfdsSource
+
+        return TfdsSource(spec["path"], spec.get("split", "train"))
+    raise ValueError(f"unknown data source {kind!r}: synthetic, llava_json, array_record, "
+                     "tfds or mixture")
+
+
+def make_source(data) -> Any:
+    """The random-access source the `data` settings name."""
+    if data.source != "mixture":
+        return _one_source(data.source, data, data.seed)
+    from lladav_jax.data.sources.mixture import Mixture
+
+    parts = list(data.mixture)
+    if not parts:
+        raise ValueError("data.source=mixture needs data.mixture: [{source, path, weight}, ...]")
+    sources = [_one_source(p["source"], p, data.seed) for p in parts]
+    return Mixture(sources, [float(p["weight"]) for p in parts], seed=data.seed,
+                   names=[p.get("name") or p.get("path") or p["source"] for p in parts])
+
+
+def make_featurizer(config, tokenizer: Tokenizer) -> Featurizer:
+    d = config.data
+    return Featurizer(config.model, tokenizer, template=d.template, seq_len=d.seq_len,
+                      system=d.system_prompt, overlong=d.overlong)
+
+
+def make_batches(config, tokenizer: Tokenizer, rows: Sequence[int] | None = None):
+    """(batch iterator, source length).
+
+    Every process reads the same global stream of `data.batch_size`-row batches and keeps
+    `rows` of each (its share of the global batch; None = all). So the global batch, its
+    length bucket and the number of batches never depend on the process count: two processes
+    train exactly as one does, and none runs out of data before the others. The price is
+    that each process featurizes every sample. `num_samples` and `num_tokens` (non-padding
+    tokens) count the whole global batch."""
+    d = config.data
+    source = make_source(d)
+    ds = pipeline.make_dataset(source, make_featurizer(config, tokenizer), config.model, d,
+                               pad_id=tokenizer.pad_id, process_index=0, process_count=1)
+    return ds.map(_KeepRows(None if rows is None else tuple(int(r) for r in rows))), len(source)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeepRows:
+    rows: tuple[int, ...] | None
+
+    def __call__(self, batch: dict) -> dict:
+        out = dict(batch)
+        out["num_tokens"] = np.int64((batch["segment_ids"] > 0).sum())
+        if self.rows is not None:
+            take = np.asarray(self.rows)
+            out.update({k: batch[k][take] for k in BATCH_KEYS})
+        return out

@@ -1,0 +1,185 @@
+"""lladav-plan: topologies, per-device bytes against an independent count, compiling without
+allocating, clear mesh errors, the CLI end to end, and the scan keeping the program size flat."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from lladav_jax.models import flops, lladav
+from lladav_jax.scale import plan, sharding, topology
+from lladav_jax.train import metrics
+from lladav_jax.train.defaults import base_config
+
+MESH = dict(data=2, fsdp=2, tensor=2, slices=1)
+
+
+def tiny_config(**lrs):
+    c = base_config("tiny")
+    c.data.seq_len, c.data.batch_size = 64, 8
+    c.mesh.update(MESH)
+    if lrs:
+        c.optim.lr.update(lrs)
+    return c
+
+
+def expected_param_bytes(cfg, mesh_shape: dict, parts=None) -> tuple[int, int]:
+    """(per-device bytes, global bytes) of the parameters (of `parts` only, if given), from
+    each parameter's logical axes mapped by the default rules: its bytes divided by the
+    product of the mesh axes it is split over (the tiny shapes divide evenly)."""
+    rules = dict(sharding.DEFAULT_RULES)
+    per_device = total = 0
+    state = nnx.state(lladav.abstract(cfg), nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        if parts is not None and path[0] not in parts:
+            continue
+        value = var.get_raw_value()  # a ShapeDtypeStruct
+        nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+        shards = 1
+        for name, dim in zip(var.get_metadata()["out_sharding"], value.shape, strict=True):
+            axes = rules.get(name) if name else None
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            size = math.prod(mesh_shape[a] for a in axes)
+            assert dim % size == 0, (path, value.shape)
+            shards *= size
+        per_device += nbytes // shards
+        total += nbytes
+    return per_device, total
+
+
+def test_topologies():
+    assert topology.parse("v5p-64").chips == 32  # v5p names count TensorCores
+    assert topology.parse("v4-8").chips == 4
+    assert topology.parse("v6e-256").chips == 256
+    assert topology.parse("v5litepod-16").chips == 16
+    assert topology.parse("v5e-16").chip.hbm_gib == 16
+    assert topology.parse("H100x8").chips == 8
+    assert topology.parse("h200x16").chip.hbm_gib == 141
+    for bad in ("v5p-12", "v6e-3", "tpu-8", "v5p-64x"):
+        with pytest.raises(topology.TopologyError):
+            topology.parse(bad)
+    # The training MFU uses the same peaks, looked up by device kind.
+    for chip in topology.CHIPS.values():
+        kind = chip.device_kind.lower()
+        peak = next(t for name, t in metrics.PEAK_TFLOPS.items() if name in kind)
+        assert peak == chip.peak_tflops, chip
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    cfg = tiny_config()
+    before = len(jax.live_arrays())
+    result = plan.plan(cfg, topology.parse("v5p-16"), 8)
+    return cfg, result, len(jax.live_arrays()) - before
+
+
+def test_bytes_per_device_match_the_shardings(tiny_plan):
+    cfg, r, _ = tiny_plan
+    assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    per_device, total = expected_param_bytes(cfg.model, r["mesh"])
+    assert total == 4 * lladav.param_counts(cfg.model)["total"]  # float32
+    assert r["per_device"]["parameters"] == per_device
+    assert r["per_device"]["parameters_global"] == total
+    # Everything trains: Adam's two moments per parameter, plus scalar step counts.
+    opt = r["per_device"]["optimizer_state"]
+    assert 0 <= opt - 2 * per_device <= 4 * 8 and (opt - 2 * per_device) % 4 == 0
+    mem = r["per_device"]["compiled"]
+    # The compiled step takes parameters, optimizer state and batch as arguments.
+    args = per_device + opt + r["per_device"]["batch"]
+    assert args <= mem["argument"] <= args + 1024
+    assert mem["alias"] > 0  # the donated state is written in place
+    assert mem["temp"] > 0 and mem["total"] > mem["argument"]
+    assert r["flops_per_step"]["analytic"] == flops.flops_per_step(
+        cfg.model, (8, 64), 8 * cfg.model.image.max_tiles)
+    assert r["flops_per_step"]["xla_per_device"] > 0
+    assert r["compiled_for"].startswith("cpu (8 simulated devices")
+    assert r["fits_target"] and r["at_mfu"]["step_s"] > 0
+
+
+def test_compile_allocates_nothing(tiny_plan):
+    assert tiny_plan[2] == 0
+
+
+def test_frozen_parts_have_no_optimizer_state():
+    cfg = tiny_config(vision=0.0, llm=0.0)  # stage 1: the connector alone trains
+    r = plan.plan(cfg, topology.parse("v5p-16"), 8)
+    params, _ = expected_param_bytes(cfg.model, r["mesh"])
+    connector, _ = expected_param_bytes(cfg.model, r["mesh"], {"connector", "image_newline"})
+    assert r["per_device"]["parameters"] == params
+    opt = r["per_device"]["optimizer_state"]
+    assert 0 <= opt - 2 * connector <= 4 * 8
+
+
+def test_mesh_that_does_not_fit_is_named():
+    cfg = tiny_config()
+    cfg.mesh.update(dict(data=3, fsdp=-1, tensor=1))
+    with pytest.raises(sharding.MeshError, match="does not divide the 8 devices"):
+        plan.plan(cfg, topology.parse("v5p-16"), 8)
+    cfg.mesh.update(dict(data=1, fsdp=8, tensor=1))
+    cfg.data.batch_size = 12
+    with pytest.raises(sharding.MeshError, match="multiple of data x fsdp = 8"):
+        plan.plan(cfg, topology.parse("v5p-16"), 8)
+    cfg.mesh.update(dict(data=1, fsdp=-1, tensor=1, slices=2))  # 2 slices need data >= 2
+    with pytest.raises(sharding.MeshError, match="not a multiple of slices=2"):
+        plan.plan(cfg, topology.parse("v5e-4"), 8)
+    cfg = tiny_config()
+    cfg.mesh.update(dict(data=1, fsdp=8, tensor=1))
+    cfg.model.vision.hidden_size = 36  # SigLIP's 1152 on 256 devices, in small
+    with pytest.raises(sharding.MeshError,
+                       match=r"vision\.layers\.fc1\.kernel \(2, 36, 64\): dimension 1 \(36\) over "
+                             r"fsdp \(8\).*fsdp must divide 4;"):
+        plan.plan(cfg, topology.parse("v5p-16"), 8)
+    with pytest.raises(sharding.MeshError, match="this process has 8"):
+        plan.plan(tiny_config(), topology.parse("v5p-64"))
+
+
+def test_program_size_does_not_grow_with_depth():
+    """The text layers run in a scan: 8 layers lower to (nearly) the program of 2."""
+    sizes = {}
+    mesh = sharding.make_mesh(MESH)
+    for layers in (2, 8):
+        cfg = tiny_config()
+        cfg.model.text.num_layers = layers
+        lowered, *_ = plan.lower_train_step(cfg, mesh)
+        sizes[layers] = len(lowered.as_text())
+    assert sizes[2] > 10_000
+    assert abs(sizes[8] - sizes[2]) / sizes[2] < 0.01, sizes
+
+
+def test_cli_end_to_end(tmp_path):
+    config = tmp_path / "tiny_plan.py"
+    config.write_text(textwrap.dedent("""
+        from lladav_jax.train.defaults import base_config
+
+        def get_config():
+            c = base_config("tiny")
+            c.data.seq_len, c.data.batch_size = 64, 8
+            return c
+    """))
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lladav_jax.cli.plan", f"--config={config}", "--topology=v6e-4",
+         "--devices=8", "--config.mesh.tensor=2", "--config.mesh.data=2",
+         "--config.mesh.slices=2", f"--json={out}", "--gen_length=32"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    # The CLI sets the device count itself (the inherited XLA_FLAGS said 2).
+    assert "compiled for: cpu (8 simulated devices; TPU v6e compiler not available" in text
+    assert "(8 x TPU v6e, 2 slices); mesh data 2 x fsdp 2 x tensor 2" in text
+    for line in ("parameters ", "optimizer state", "temporaries", "FLOPs per step",
+                 "tokens/s per chip", "<- target", "sampler (inference)"):
+        assert line in text, line
+    r = json.loads(out.read_text())
+    per_device, _ = expected_param_bytes(base_config("tiny").model, r["mesh"])
+    assert r["per_device"]["parameters"] == per_device
+    assert r["sampler"]["parameters_per_device"] == per_device
+    assert r["sampler"]["memory"]["total"] > 0 and r["sampler"]["gen_length"] == 32
