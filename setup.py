@@ -18,7 +18,9 @@ setup(
     install_requires=[
         "jax>=0.10",
         "flax>=0.12.8",
-        "orbax-checkpoint>=0.12",
+        # <0.13: lladav_jax/checkpoints/orbax_streaming.py overrides Orbax internals, tested
+        # with 0.12 (see its docstring); re-check it before raising the bound.
+        "orbax-checkpoint>=0.12,<0.13",
         "optax>=0.2.4",
         "grain>=0.2.12",
         "array-record>=0.5",

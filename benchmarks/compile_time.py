@@ -1,5 +1,5 @@
 """Train-step compile time against depth: the text layers run in a scan, so 8 layers should
-compile in about the time of 2 (DESIGN.md 4.1).
+compile in about the time of 2 (docs/design.md §10.2).
 
     python benchmarks/compile_time.py [--variant small] [--layers 2 8] [--devices 1]
         [--seq_len 1024] [--rows_per_device 1] [--repeats 3]
@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import statistics
-import sys
 import time
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:

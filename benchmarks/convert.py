@@ -26,11 +26,10 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from lladav_jax.checkpoints import hf_convert, safetensors_io
+from lladav_jax.models import hf_config, hf_params, lladav, variants
 
-from lladav_jax.checkpoints import hf_convert, safetensors_io  # noqa: E402
-from lladav_jax.models import hf_params, lladav, variants  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def bench_config(gb: float):
@@ -50,10 +49,7 @@ def bench_config(gb: float):
 def write_synthetic(path: pathlib.Path, cfg) -> int:
     """A random bf16 official-layout directory, generated and written a row block at a time."""
     entries = hf_params.lladav_entries(cfg)
-    from flax import nnx
-
-    shapes = hf_params.expected_hf_shapes(
-        entries, nnx.to_pure_dict(nnx.state(lladav.abstract(cfg), nnx.Param)))
+    shapes = hf_params.expected_hf_shapes(entries, lladav.abstract_params(cfg))
     bf16 = np.dtype(ml_dtypes.bfloat16)
 
     def blocks(key: str, shape: tuple[int, ...]):
@@ -65,7 +61,7 @@ def write_synthetic(path: pathlib.Path, cfg) -> int:
                for k, s in shapes.items()]
     path.mkdir()
     index = safetensors_io.write_sharded(path, tensors, 5 * 10**9 // 4)  # a few shards
-    (path / "config.json").write_text(json.dumps(hf_convert.config_to_hf(cfg, "bfloat16")))
+    (path / "config.json").write_text(json.dumps(hf_config.config_to_hf(cfg, "bfloat16")))
     return index["metadata"]["total_size"]
 
 
@@ -73,7 +69,7 @@ def measure(code: str) -> tuple[float, float]:
     """(peak RSS in bytes, wall seconds) of `python -c code` in a fresh child process."""
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
-                             env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:

@@ -32,23 +32,18 @@ import collections
 import hashlib
 import io
 import os
-import pathlib
-import sys
 import time
 
 import ml_collections
 import numpy as np
 from PIL import Image
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from lladav_jax.data import pipeline, synthetic  # noqa: E402
-from lladav_jax.data.demo_tokenizer import load_demo_tokenizer  # noqa: E402
-from lladav_jax.data.example import SKIP_REASONS  # noqa: E402
-from lladav_jax.data.featurize import Featurizer  # noqa: E402
-from lladav_jax.data.layout import best_grid  # noqa: E402
-from lladav_jax.models import variants  # noqa: E402
+from lladav_jax.data import pipeline, synthetic
+from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
+from lladav_jax.data.example import SKIP_REASONS
+from lladav_jax.data.featurize import Featurizer
+from lladav_jax.data.layout import best_grid
+from lladav_jax.models import variants
 
 MODES = {
     "plain": dict(pack=False, group_by_length=False),

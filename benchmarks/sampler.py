@@ -5,12 +5,12 @@
     python benchmarks/sampler.py --torch_steps 16 --repeats 1   # the reference at 16 steps, scaled
 
 One 384x384 image (1485 visual tokens) + a question; a 256-token answer in blocks of 32.
-(a) the plain PyTorch reference (lladav_jax/torch_reference.py over transformers' modules, the
-whole sequence every step, as the official sampler); (b) ours, no cache; (c) prefix cache;
-(d) dual cache; (e) dual cache + threshold 0.9. Random weights, so the <|eot_id|> stop is
-switched off (every run decodes every position) and, for (e), the head is sharpened so that
-confidences pass the threshold as a trained model's do (a random model's never would). Same
-weights everywhere; float32; compile time is reported apart from the timed run.
+(a) the plain PyTorch reference (lladav_jax/checkpoints/torch_reference.py over transformers'
+modules, the whole sequence every step, as the official sampler); (b) ours, no cache; (c)
+prefix cache; (d) dual cache; (e) dual cache + threshold 0.9. Random weights, so the <|eot_id|>
+stop is switched off (every run decodes every position) and, for (e), the head is sharpened so
+that confidences pass the threshold as a trained model's do (a random model's never would).
+Same weights everywhere; float32; compile time is reported apart from the timed run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
@@ -29,9 +28,6 @@ import transformers
 from flax import nnx
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from lladav_jax.checkpoints import torch_reference
 from lladav_jax.checkpoints import torch_reference as ref
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.data.image import process_image
@@ -116,7 +112,7 @@ def main() -> None:
         images = (pixels, torch.tensor([[img.size[1], img.size[0]]]), is_image)
         torch_steps = args.torch_steps or args.steps
         start = time.perf_counter()
-        torch_reference.generate(hf, tokens, np.ones_like(tokens, bool), mask_id=ids.mask,
+        ref.generate(hf, tokens, np.ones_like(tokens, bool), mask_id=ids.mask,
                                  eot_id=-1, forbidden=ids.forbidden, images=images,
                                  gen_length=args.gen_length, steps=torch_steps,
                                  block_length=args.block_length)

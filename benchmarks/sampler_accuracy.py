@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lladav_jax.checkpoints import modeldir
 from lladav_jax.data.synthetic import SyntheticSource, chance_accuracy

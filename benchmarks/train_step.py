@@ -15,19 +15,20 @@ visual tokens), a 40-token prompt around it and answer tokens (the masked-diffus
 filling the rest of the row; no padding. The vision tower runs on the 2 real tiles (the
 trainer's batches pad every row to `image.max_tiles`). Both steps do the same work: forward
 masking (one t per sample), SigLIP, the connector, LLaDA over the whole row (bidirectional),
-the loss of DESIGN.md 2.2 over the full-vocabulary logits, the backward pass, global-norm
+the loss of docs/design.md §4.1 over the full-vocabulary logits, the backward pass, global-norm
 clipping at 1.0 and AdamW with the stage-2/3 per-part learning rates (everything trains), all
 in float32, from the same initial hf_params.
 
 - Ours: `lladav_jax.train.step.make_train_step` under `jax.jit` with the state donated, as
   the trainer runs it (one micro-batch), compiled ahead of the timed steps.
-- PyTorch eager: transformers' `LlavaOnevisionForConditionalGeneration` configured as in
-  `torch_reference` (Llama made bidirectional by an all-zero 4-D mask), trimmed to what
-  LLaDA-V runs (SigLIP's last layer and pooling head removed, features read at the new last
-  layer, as the official code does), the same loss written in torch, `clip_grad_norm_` and
-  `torch.optim.AdamW` (foreach) with the same per-part learning rates. Attention:
-  `--torch_attn sdpa` (transformers' default) and/or `eager` (as torch_reference's).
-  For `tiny` the logits of both models are compared first (same weights, same batch).
+- PyTorch eager (`benchmarks/torch_step.py`): transformers'
+  `LlavaOnevisionForConditionalGeneration` configured as in `torch_reference` (Llama made
+  bidirectional by an all-zero 4-D mask), trimmed to what LLaDA-V runs (SigLIP's last layer and
+  pooling head removed, features read at the new last layer, as the official code does), the
+  same loss written in torch, `clip_grad_norm_` and `torch.optim.AdamW` (foreach) with the same
+  per-part learning rates. Attention: `--torch_attn sdpa` (transformers' default) and/or `eager`
+  (as torch_reference's). For `tiny` the logits of both models are compared first (same weights,
+  same batch).
 
 All steps are timed interleaved (ours, torch, ours, torch, ...) so that other jobs on a shared
 machine slow each alike; a figure is the median of `--repeats` steps after `--warmup` untimed
@@ -48,9 +49,7 @@ import argparse
 import copy
 import gc
 import os
-import pathlib
 import statistics
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -63,22 +62,19 @@ import torch
 import transformers
 from flax import nnx
 from PIL import Image
+from torch_step import TorchStep, torch_peak_flops  # benchmarks/torch_step.py
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from lladav_jax.checkpoints import torch_reference as ref  # noqa: E402
-from lladav_jax.data.image import process_image  # noqa: E402
-from lladav_jax.data.layout import collate_visual  # noqa: E402
-from lladav_jax.diffusion import objective  # noqa: E402
-from lladav_jax.models import (  # noqa: E402
+from lladav_jax.checkpoints import torch_reference as ref
+from lladav_jax.data.image import process_image
+from lladav_jax.data.layout import collate_visual
+from lladav_jax.models import (
     flops,
     hf_params,
     lladav,
     variants,
 )
-from lladav_jax.train import metrics, optim  # noqa: E402
-from lladav_jax.train.step import (  # noqa: E402
+from lladav_jax.train import metrics, optim
+from lladav_jax.train.step import (
     MODEL_KEYS,
     TrainState,
     make_train_step,
@@ -153,89 +149,6 @@ class JaxStep:
         self.losses.append(float(m["loss"]))
 
 
-# ---------------------------------------------------------------------------------- PyTorch
-
-
-def torch_model(cfg, attn: str) -> torch.nn.Module:
-    """transformers' LLaVA-OneVision as LLaDA-V (torch_reference), trimmed to the layers
-    LLaDA-V runs: SigLIP without its last layer and pooling head, features at the new last
-    layer (the official code deletes them; transformers would run them and discard the
-    output)."""
-    config = ref.onevision_config(cfg)
-    config.vision_config.vision_use_head = False
-    config.vision_feature_layer = -1
-    kept = config.vision_config.num_hidden_layers + cfg.vision.select_layer + 1
-    config.vision_config.num_hidden_layers = kept
-    for c in (config, config.vision_config, config.text_config):
-        c._attn_implementation = attn
-    torch.manual_seed(0)
-    model = transformers.LlavaOnevisionForConditionalGeneration(config).float()
-    return model.train()
-
-
-def torch_param_groups(model: torch.nn.Module) -> list[dict]:
-    """The per-part learning rates; SigLIP's post_layernorm (unused by LLaDA-V) left out."""
-    groups = {p: [] for p in LRS}
-    for name, p in model.named_parameters():
-        if "post_layernorm" in name:
-            p.requires_grad_(False)
-            continue
-        part = ("vision" if "vision_tower" in name else
-                "connector" if "multi_modal_projector" in name or "image_newline" in name else
-                "llm")
-        groups[part].append(p)
-    return [dict(params=ps, lr=LRS[part]) for part, ps in groups.items()]
-
-
-class TorchStep:
-    """The same step in PyTorch eager: loss, backward, clip_grad_norm_, AdamW (foreach)."""
-
-    def __init__(self, cfg, batch: dict, info: dict, attn: str):
-        self.model = torch_model(cfg, attn)
-        groups = torch_param_groups(self.model)
-        self.params = [p for g in groups for p in g["params"]]
-        self.num_params = sum(p.numel() for p in self.params)
-        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                                     foreach=True)
-        rows = batch["tokens"].shape[0]
-        self.tokens = torch.from_numpy(batch["tokens"]).long()
-        self.targets = torch.from_numpy(batch["targets"])
-        # (B, T, S, S, 3) -> (B, T, 3, S, S); image_sizes are (height, width).
-        self.pixels = torch.from_numpy(batch["pixels"].transpose(0, 1, 4, 2, 3).copy())
-        self.image_sizes = torch.tensor([info["image_hw"]] * rows)
-        self.mask4d = ref.bidirectional_mask(batch["segment_ids"])
-        self.positions = torch.from_numpy(batch["positions"]).long()
-        self.mask_id = info["mask_id"]
-        self.gen = torch.Generator().manual_seed(0)
-        self.losses = []
-
-    def loss(self) -> torch.Tensor:
-        """DESIGN.md 2.2, one sample per row: t ~ U(0,1), p = (1-eps) t + eps, mask targets
-        with probability p, sum of CE / p / L_ans over masked positions, mean over samples."""
-        rows, n = self.tokens.shape
-        t = torch.rand(rows, 1, generator=self.gen)
-        p_mask = (1 - objective.EPS) * t + objective.EPS
-        masked = self.targets & (torch.rand(rows, n, generator=self.gen) < p_mask)
-        noisy = torch.where(masked, self.mask_id, self.tokens)
-        logits = self.model(input_ids=noisy, pixel_values=self.pixels,
-                            image_sizes=self.image_sizes, attention_mask=self.mask4d,
-                            position_ids=self.positions, use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        ce = -logp.gather(-1, self.tokens[..., None])[..., 0]
-        l_ans = self.targets.sum(1, keepdim=True).clamp(min=1)
-        weight = torch.where(masked, 1.0 / (p_mask * l_ans), 0.0)
-        samples = (self.targets.sum(1) > 0).sum().clamp(min=1)
-        return (ce * weight).sum() / samples
-
-    def __call__(self) -> None:
-        loss = self.loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.losses.append(loss.item())
-
-
 # ------------------------------------------------------------------------------ measurement
 
 
@@ -262,19 +175,6 @@ def peak_flops_per_cpu_second(size: int = 1024, repeats: int = 5, tries: int = 5
             best = min(best, time.process_time() - start)
         out[name] = 2 * size**3 * repeats / best
     return out
-
-
-def torch_peak_flops(size: int = 1024, repeats: int = 5, tries: int = 5) -> float:
-    """torch's (MKL) matmul FLOP/s, wall clock, for reference."""
-    a = torch.randn(size, size)
-    a @ a
-    best = 0.0
-    for _ in range(tries):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ a
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
-    return best
 
 
 def jax_cpu_threads() -> int:
@@ -314,7 +214,7 @@ def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, wa
     if sequential:
         return bench_sequential(cfg, batch, info, attns, repeats, warmup, ours, dict(
             variant=variant, rows=rows, seq_len=seq_len, tiles=tiles, flops=step_flops, info=info))
-    theirs = {f"torch-{a}": TorchStep(cfg, batch, info, a) for a in attns}
+    theirs = {f"torch-{a}": TorchStep(cfg, batch, info, a, LRS) for a in attns}
     model = lladav.create(cfg, seed=0)
     if theirs:  # the same initial weights as torch's (all torch models are seeded alike)
         first = next(iter(theirs.values()))
@@ -368,7 +268,7 @@ def bench_sequential(cfg, batch: dict, info: dict, attns: list[str], repeats: in
     starts from its own random weights (the logits check is `tiny`'s job)."""
     runs = {}
     for attn in attns:
-        step = TorchStep(cfg, batch, info, attn)
+        step = TorchStep(cfg, batch, info, attn, LRS)
         runs[f"torch-{attn}"] = _time_steps(f"torch-{attn}", step, repeats, warmup)
         num_params = step.num_params
         del step

@@ -7,7 +7,7 @@
         --config.tokenizer=/mnt/gcs/lladav-init/tokenizer.json \\
         --config.data.path=blip_laion_cc_sbu_558k.json --config.data.image_folder=images/
 
-DESIGN.md 2.3: AdamW (weight decay 0), cosine with 3% warmup, lr 1e-3, global batch 64,
+docs/design.md §9.1: AdamW (weight decay 0), cosine with 3% warmup, lr 1e-3, global batch 64,
 max length 8192, bf16, gradient checkpointing, one epoch.
 """
 

@@ -4,7 +4,7 @@
         --config.init_from=/mnt/gcs/stage1 --config.tokenizer=/mnt/gcs/stage1 \\
         --config.data.source=array_record --config.data.path='/mnt/gcs/mammoth_si/*'
 
-DESIGN.md 2.3: lr vision 2e-6, rest 1e-5; global batch 256; max length 8192; bf16; gradient
+docs/design.md §9.1: lr vision 2e-6, rest 1e-5; global batch 256; max length 8192; bf16; gradient
 checkpointing; cosine with 3% warmup; one epoch. Paths are on a bucket mounted at the same place
 on every host (launch/tpu.sh setup: gcsfuse at /mnt/gcs). Check the mesh and memory first:
 

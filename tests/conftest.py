@@ -11,3 +11,9 @@ if "xla_force_host_platform_device_count" not in flags:
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
     flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: trains, converts or compiles at scale (minutes); "
+        "`-m \"not slow\"` skips them, CI runs everything")

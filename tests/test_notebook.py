@@ -15,6 +15,7 @@ import time
 
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "lladav_colab.ipynb"
 CELL_TIMEOUT_S = 420  # the training cell is the longest: ~1-2 minutes on a busy 2-core CPU
@@ -48,6 +49,7 @@ def test_committed_without_outputs():
     assert nb.metadata.kernelspec.name == "python3"
 
 
+@pytest.mark.slow
 def test_runs_end_to_end_in_fast_mode(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)  # the working copy

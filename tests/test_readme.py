@@ -48,6 +48,7 @@ NOT_RUN = {
     "pip install -e .[test]": INSTALLED,
     "ruff check .": "CI's lint step: .ci/run runs it before the tests",
     "python -m pytest -q tests": "the whole test suite, this test included",
+    "python -m pytest -q -m not slow tests": "the quick subset of the suite; CI runs it all",
     "lladav-plan --config configs/stage2a.py --topology v5p-64":
         "compiles the 8B training step for 32 simulated chips (minutes of CPU); "
         "tests/test_plan.py runs lladav-plan",
@@ -214,6 +215,33 @@ def test_every_command_is_run_or_explained():
     assert "ruff check ." in ci and "python -m pytest -q tests" in ci
 
 
+def architecture_map_paths() -> list[str]:
+    """The paths the README's architecture map names: every line starts with a file or folder
+    name, nested by two spaces a level."""
+    text = README.read_text().split("## Architecture map", 1)[1]
+    block = re.search(r"^```\n(.*?)^```", text, re.S | re.M).group(1)
+    paths, stack = [], []
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        depth, name = (len(line) - len(line.lstrip())) // 2, line.split()[0]
+        stack[depth:] = [name.rstrip("/")]
+        paths.append("/".join(stack) + ("/" if name.endswith("/") else ""))
+    return paths
+
+
+def test_architecture_map_names_existing_paths():
+    paths = architecture_map_paths()
+    assert "lladav_jax/models/config.py" in paths and "lladav_jax/cli/" in paths
+    missing = [p for p in paths if not (REPO / p).exists()
+               or (p.endswith("/") != (REPO / p).is_dir())]
+    assert not missing, f"README's architecture map names what the repository lacks: {missing}"
+    # Every package folder of lladav_jax is on the map.
+    packages = {str(d.relative_to(REPO)) + "/" for d in (REPO / "lladav_jax").rglob("*")
+                if d.is_dir() and (d / "__init__.py").exists()}
+    assert not packages - set(paths), f"not on the map: {packages - set(paths)}"
+
+
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
     """One CPU device, as on a laptop (conftest simulates 8 for the sharding tests)."""
@@ -231,6 +259,7 @@ def _run(args: list[str], root: pathlib.Path, env: dict) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_commands_run_as_shown(tmp_path, env):
     write_inputs(tmp_path)
     ran = []

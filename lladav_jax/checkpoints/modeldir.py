@@ -27,9 +27,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
 
+from lladav_jax.checkpoints import orbax_streaming
 from lladav_jax.models import lladav
 from lladav_jax.scale import sharding
 
@@ -62,7 +62,7 @@ class LazyParam:
     blocks: Callable[[], Iterable[tuple[Index, np.ndarray]]]
 
     @property
-    def size(self) -> int:  # read by Orbax (memory estimate, zero-size check)
+    def size(self) -> int:  # read by Orbax (memory estimate, zero-size check; orbax_streaming)
         return int(np.prod(self.shape))
 
 
@@ -70,44 +70,6 @@ def lazy(array: np.ndarray) -> LazyParam:
     """An in-memory array as a one-block LazyParam (avoids Orbax's defensive copy)."""
     full = tuple(slice(None) for _ in np.shape(array))
     return LazyParam(tuple(np.shape(array)), np.dtype(array.dtype), lambda: [(full, array)])
-
-
-class _StreamingHandler(ocp.type_handlers.NumpyHandler):
-    """Writes LazyParams block by block, in the format (type string, zarr array) of Orbax's own
-    NumpyHandler: a restore sees ordinary arrays. One parameter at a time, one block at a time."""
-
-    def __init__(self):
-        super().__init__(deepcopy_host_arrays=False)
-
-    async def _background_serialize(self, values, infos, args=None):
-        args = args or [ocp.SaveArgs()] * len(values)
-        for value, info, arg in zip(values, infos, args, strict=True):
-            await info.await_path_creation()
-            blocks = iter(value.blocks())
-            index, block = next(blocks)
-            spec = ocp.type_handlers.get_json_tspec_write(
-                info,
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                global_shape=value.shape,
-                local_shape=np.shape(block),  # the chunk shape
-                dtype=value.dtype,
-                process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
-                arg=arg,
-            )
-            store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
-            while block is not None:
-                await store[index].write(np.asarray(block, value.dtype))
-                index, block = next(blocks, (None, None))
-
-
-def _registry():
-    # A private registry: LazyParam shares NumpyHandler's type string, which must not replace
-    # the global handler that restores plain numpy leaves.
-    get = ocp.type_handlers.get_type_handler
-    return ocp.type_handlers.create_type_handler_registry(
-        (LazyParam, _StreamingHandler()), (np.ndarray, get(np.ndarray)),
-        (jax.Array, get(jax.Array)),
-    )
 
 
 @contextlib.contextmanager
@@ -165,9 +127,7 @@ def save_model_dir(
     path = pathlib.Path(path).absolute()
     with atomic_dir(path, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config_to_json(cfg))
-        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
-        with ocp.Checkpointer(handler) as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        orbax_streaming.save_tree(tmp / PARAMS_DIR, params, LazyParam)
         copy_tokenizer(tokenizer_dir, tmp)
     return path
 
@@ -224,30 +184,16 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(resolve(path).config.read_text()))
 
 
-def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out
-
-
 def _stored_metadata(params_dir: pathlib.Path) -> dict[tuple[str, ...], object]:
     with ocp.PyTreeCheckpointer() as ckptr:
-        return _flat(ckptr.metadata(params_dir).item_metadata.tree)
-
-
-def _abstract_params(cfg) -> dict:
-    return nnx.to_pure_dict(nnx.state(lladav.abstract(cfg), nnx.Param))
+        return traverse_util.flatten_dict(ckptr.metadata(params_dir).item_metadata.tree)
 
 
 def check_params(path: str | os.PathLike, cfg) -> None:
     """One error naming every parameter missing, unexpected or mis-shaped against the config."""
     params_dir = resolve(path).params
     stored = _stored_metadata(params_dir)
-    wanted = _flat(_abstract_params(cfg))
+    wanted = traverse_util.flatten_dict(lladav.abstract_params(cfg))
     name = ".".join
     problems = [f"missing: {name(k)}" for k in wanted if k not in stored]
     problems += [f"unexpected: {name(k)}" for k in stored if k not in wanted]
@@ -313,16 +259,7 @@ class StoredParam:
 def open_params(path: str | os.PathLike) -> dict[tuple[str, ...], StoredParam]:
     """Every stored parameter by its path in the parameter tree, opened for slice reads
     (how an exporter streams a model larger than memory)."""
-    params = epath.Path(resolve(path).params)
-    meta = json.loads((params / "_METADATA").read_text()) if (params / "_METADATA").exists() else {}
-    ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(params)
-    context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
-    out = {}
-    for key, m in _stored_metadata(pathlib.Path(params)).items():
-        info = ocp.type_handlers.ParamInfo(
-            name=m.name, parent_dir=params, is_ocdbt_checkpoint=ocdbt,
-            use_zarr3=bool(meta.get("use_zarr3", False)), ts_context=context,
-        )
-        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
-        out[key] = StoredParam(ts.open(ts.Spec(spec), open=True, context=context).result())
-    return out
+    params = resolve(path).params
+    names = {key: m.name for key, m in _stored_metadata(params).items()}
+    return {key: StoredParam(store)
+            for key, store in orbax_streaming.open_arrays(params, names).items()}

@@ -21,7 +21,6 @@ import ml_dtypes
 import numpy as np
 
 INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 # safetensors dtype codes <-> numpy. bf16 comes from ml_dtypes (numpy has none).
 DTYPES: dict[str, np.dtype] = {

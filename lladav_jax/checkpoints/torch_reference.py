@@ -1,5 +1,5 @@
 """LLaDA-V in PyTorch, as a reference: an exported directory loaded into transformers'
-`LlavaOnevisionForConditionalGeneration`, and the plain LLaDA sampler over it (DESIGN.md 3.1).
+`LlavaOnevisionForConditionalGeneration`, and the plain LLaDA sampler over it (docs/design.md §5.1).
 
     from lladav_jax.checkpoints import torch_reference as tr
     hf, cfg = tr.load("LLaDA-V-hf")           # `lladav-convert export-hf` output (or the release)
@@ -11,7 +11,7 @@
 LLaDA is LLaMA without the causal mask: transformers' Llama text model given an all-zero 4-D
 attention mask is bidirectional and then equals LLaDA's transformer; padding is masked there,
 and positions count from each prompt's first token (`position_ids`), so a left-padded row
-decodes as it would alone. The sampler is written from DESIGN.md 3.1 and the official LLaDA
+decodes as it would alone. The sampler is written from docs/design.md §5.1 and the official LLaDA
 `generate`, step by step and row by row:
 
 - The answer (gen_length masks after the prompt) is decoded in blocks of block_length, left to
@@ -46,12 +46,13 @@ import transformers
 from PIL import Image
 from safetensors import safe_open
 
-from lladav_jax.checkpoints import hf_convert, safetensors_io
+from lladav_jax.checkpoints import safetensors_io
 from lladav_jax.data.image import process_image
 from lladav_jax.data.layout import grid_pinpoints
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, encode_prompt
 from lladav_jax.data.tokenizer import Tokenizer
-from lladav_jax.models import hf_params
+from lladav_jax.diffusion.sampler import SamplerOptions
+from lladav_jax.models import hf_config, hf_params
 from lladav_jax.models.siglip import num_kept_layers
 
 # (pixel_values [N, T, 3, S, S], image_sizes [N, 2] (height, width), is_image [B, P]): the N
@@ -151,7 +152,7 @@ def load(
     LLaDA-V never runs (the vision layers after `select_layer`, SigLIP's pooling head).
     """
     hf_dir = pathlib.Path(hf_dir)
-    cfg = hf_convert.config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    cfg = hf_config.config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     model = HFModel(onevision_config(cfg))
     state = {hf_params.llava_onevision_key(k): v for k, v in read_tensors(hf_dir).items()}
     result = model.load_state_dict(state, strict=False)
@@ -287,15 +288,11 @@ def generate(
     eot_id: int,
     forbidden: tuple[int, ...],
     images: Images | None = None,
-    gen_length: int = 128,
-    steps: int = 128,
-    block_length: int = 128,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    cfg_scale: float = 0.0,
     seed: int = 0,
+    **options,
 ) -> dict:
-    """tokens [B, P] left-padded prompts, valid [B, P]; images as `Images` or None.
+    """tokens [B, P] left-padded prompts, valid [B, P]; images as `Images` or None; `options`
+    those of our sampler (`SamplerOptions`' fields and defaults) but its cache and threshold.
 
     Returns `tokens` [B, gen_length], `committed_at` [B, gen_length] (the step that committed
     each token, -1 never), `steps` (model evaluations run, CFG counted once) and `margin`: the
@@ -303,6 +300,12 @@ def generate(
     a position committed; with `low_confidence`, the smallest relative gap between the
     last confidence committed and the next). Another implementation agrees exactly when its
     numerical error stays well below it."""
+    o = SamplerOptions(**options)
+    if o.cache != "none" or o.threshold is not None:
+        raise ValueError(f"cache {o.cache!r}, threshold {o.threshold}: the reference has no "
+                         "cache and commits a fixed number of tokens per step")
+    gen_length, steps, block_length = o.gen_length, o.steps, o.block_length
+    temperature, remasking, cfg_scale = o.temperature, o.remasking, o.cfg_scale
     forward = Forward(hf, tokens, valid, gen_length, images)
     valid_t = torch.as_tensor(np.asarray(valid).astype(bool))
     prompt = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
@@ -312,12 +315,7 @@ def generate(
         blank = torch.full_like(prompt, mask_id).where(valid_t, prompt)
         uncond_prompt = hf.get_input_embeddings()(blank)
     generator = torch.Generator().manual_seed(seed)
-    if gen_length % block_length:
-        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length "
-                         f"{block_length}")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError(f"steps {steps} is not a multiple of the {num_blocks} blocks")
+    num_blocks = o.num_blocks  # SamplerOptions checked that blocks and steps divide evenly
     steps_per_block = steps // num_blocks
 
     committed_at = torch.full((b, gen_length), -1, dtype=torch.long)

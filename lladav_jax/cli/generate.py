@@ -1,4 +1,4 @@
-"""lladav-generate: answer one question about images (DESIGN.md 5).
+"""lladav-generate: answer one question about images (docs/design.md §10.3).
 
   lladav-generate --ckpt DIR --image PATH [--image PATH ...] --prompt TEXT [--gen_length N]
     [--steps N] [--block_length N] [--temperature T] [--remasking low_confidence|random]
@@ -18,23 +18,27 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lladav_jax.diffusion.sampler import CACHES, REMASKING
+from lladav_jax.diffusion.sampler import CACHES, REMASKING, SamplerOptions
 
-DEFAULTS = dict(gen_length=128, steps=128, block_length=128, temperature=0.0,
-                remasking="low_confidence", cfg_scale=0.0, cache="none", threshold=None)
+DEFAULTS = SamplerOptions.defaults()  # every sampler option, by name
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """--ckpt and the sampler options; unset options are None (the caller picks defaults)."""
+    d = DEFAULTS
     p.add_argument("--ckpt", required=True,
                    help="a model directory, a training workdir (latest step) or a step directory")
-    p.add_argument("--gen_length", type=int, help="answer length in tokens (default 128)")
-    p.add_argument("--steps", type=int, help="denoising steps in all (default 128)")
-    p.add_argument("--block_length", type=int, help="tokens per block (default 128)")
-    p.add_argument("--temperature", type=float, help="Gumbel noise temperature (default 0)")
-    p.add_argument("--remasking", choices=REMASKING, help="default low_confidence")
-    p.add_argument("--cfg_scale", type=float, help="classifier-free guidance (default 0: off)")
-    p.add_argument("--cache", choices=CACHES, help="KV cache (default none)")
+    p.add_argument("--gen_length", type=int,
+                   help=f"answer length in tokens (default {d['gen_length']})")
+    p.add_argument("--steps", type=int, help=f"denoising steps in all (default {d['steps']})")
+    p.add_argument("--block_length", type=int,
+                   help=f"tokens per block (default {d['block_length']})")
+    p.add_argument("--temperature", type=float,
+                   help=f"Gumbel noise temperature (default {d['temperature']:g})")
+    p.add_argument("--remasking", choices=REMASKING, help=f"default {d['remasking']}")
+    p.add_argument("--cfg_scale", type=float,
+                   help=f"classifier-free guidance, 0: off (default {d['cfg_scale']:g})")
+    p.add_argument("--cache", choices=CACHES, help=f"KV cache (default {d['cache']})")
     p.add_argument("--threshold", type=float,
                    help="parallel decoding: commit every token above this confidence")
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +47,8 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sampler_options(args: argparse.Namespace, base: dict | None = None) -> dict:
-    """Options for Model.generate: flags given, else `base` (a preset), else DEFAULTS."""
+    """Options for Model.generate: flags given, else `base` (a preset), else the sampler's
+    defaults (DEFAULTS)."""
     out = {**DEFAULTS, **(base or {})}
     out.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
     return out

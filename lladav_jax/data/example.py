@@ -67,10 +67,10 @@ class Example:
         return int(self.tokens.shape[0])
 
 
-# The arrays of a batch. Model inputs: tokens, positions, segment_ids, pixels, visual_pos,
-# visual_src, visual_w (see `LLaDAV.__call__`). For the objective: targets. Segment ids are
-# 1, 2, ... per packed sample and 0 for padding; positions restart at 0 in every segment.
-BATCH_KEYS = (
-    "tokens", "targets", "positions", "segment_ids",
-    "pixels", "visual_pos", "visual_src", "visual_w",
-)  # fmt: skip
+# The image inputs of the model (`LLaDAV.embed_inputs`), as `layout.collate_visual` makes them:
+# the tiles and, per visual token, where it goes and which tile features it mixes.
+VISUAL_KEYS = ("pixels", "visual_pos", "visual_src", "visual_w")
+# The arrays of a batch. Model inputs: tokens, positions, segment_ids and VISUAL_KEYS (see
+# `LLaDAV.__call__`). For the objective: targets. Segment ids are 1, 2, ... per packed sample
+# and 0 for padding; positions restart at 0 in every segment.
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", *VISUAL_KEYS)

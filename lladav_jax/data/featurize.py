@@ -232,7 +232,7 @@ class Featurizer:
     def _featurize(self, raw: RawSample, sample_id: str) -> Example:
         if not isinstance(raw, Mapping):
             raise _Skipped("malformed", f"a sample is a dict, got {type(raw).__name__}")
-        if raw.get("_error"):  # a source marked it: "<reason>: <what>" (sources.py, records.py)
+        if raw.get("_error"):  # a source marked it: "<reason>: <what>" (data/sources/)
             reason, _, what = str(raw["_error"]).partition(": ")
             if reason not in SKIP_REASONS:
                 reason, what = "malformed", str(raw["_error"])
@@ -248,7 +248,7 @@ class Featurizer:
             raise _Skipped(
                 "image_tag_mismatch", f"{n_tags} {IMAGE_TAG} tags but {len(refs)} images{listed}"
             )
-        packed_missing = raw.get("_missing_images")  # missing when packed (records.py)
+        packed_missing = raw.get("_missing_images")  # missing when packed (sources/array_record.py)
         packed_missing = set(packed_missing) if isinstance(packed_missing, list | tuple) else set()
         pils = []
         for k, (ref, name) in enumerate(zip(refs, names)):

@@ -21,6 +21,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from lladav_jax.data import shared_memory
 from lladav_jax.data.example import BATCH_KEYS, SKIP_REASONS, Example, RawSample, Skip
 from lladav_jax.data.layout import collate_visual
 
@@ -155,6 +156,7 @@ class _FlattenIterator(grain.DatasetIterator):
         self._windows, self._workers = windows, workers
         self._max_skip_fraction, self._min_seen = max_skip_fraction, min_seen
         self._upstream = None
+        self._closes_at_exit = False
         self._k = 0  # index of the window in hand, or of the next one to load
         self._window: dict | None = None
         self._next = 0
@@ -175,6 +177,9 @@ class _FlattenIterator(grain.DatasetIterator):
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+            if not self._closes_at_exit:
+                shared_memory.close_before_exit(self)
+                self._closes_at_exit = True
         self._upstream = iter(it)
 
     def _load(self) -> None:
@@ -182,7 +187,7 @@ class _FlattenIterator(grain.DatasetIterator):
             self._open(self._k)
         elif self._window is not None:
             self._k += 1
-        self._window, self._next = next(self._upstream), 0
+        self._window, self._next = shared_memory.unlink_on_arrival(next(self._upstream)), 0
         self._pending.update(self._window["skips"])
         self._seen += self._window["seen"]
         self._skipped.update(self._window["skips"])
@@ -227,15 +232,18 @@ class _FlattenIterator(grain.DatasetIterator):
         self._named = list(state["named"])
         self._open(self._k)
         # Recompute the window in hand (pure), without counting it again.
-        self._window = next(self._upstream) if state["loaded"] else None
+        self._window = (shared_memory.unlink_on_arrival(next(self._upstream))
+                        if state["loaded"] else None)
 
     def close(self) -> None:
-        """Stops worker processes and drops the window held (its arrays may live in shared
-        memory that must be released before the interpreter exits)."""
+        """Stops worker processes and drops the window held and those read ahead, whose
+        shared memory is released before this returns (`shared_memory`)."""
         self._window = None
         upstream, self._upstream = self._upstream, None
         if upstream is not None and hasattr(upstream, "close"):
             upstream.close()
+            del upstream  # with it, the windows Grain read ahead
+            shared_memory.flush_deletions()
 
 
 class _Flatten(grain.IterDataset):

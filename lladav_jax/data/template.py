@@ -1,6 +1,6 @@
 """Chat templates: a LLaVA conversation -> token ids, target mask and image placeholder starts.
 
-`llava_llada` (DESIGN.md 2.1; stages 2-3):
+`llava_llada` (docs/design.md §3.1; stages 2-3):
 
     <|startoftext|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>
     <|start_header_id|>user<|end_header_id|>\\n\\n<image>\\n{question}<|eot_id|>

@@ -2,17 +2,18 @@
 
 `Tokenizer.load(path)` takes the official LLaDA tokenizer as-is; `data.demo_tokenizer` holds a
 small byte-level BPE with the same special tokens for tests, the demo and the `tiny` model.
-Special ids are always looked up by their text (DESIGN.md 1.1), never hard-coded.
+Special ids are always looked up by their text (docs/design.md §1.2), never hard-coded.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import types
+from collections.abc import Iterable, Mapping
 
 import tokenizers
 
-# name -> token text (DESIGN.md 1.1). `<|endoftext|>` is also the pad token.
+# name -> token text (docs/design.md §1.2). `<|endoftext|>` is also the pad token.
 SPECIAL_TOKENS = {
     "bos": "<|startoftext|>",
     "eos": "<|endoftext|>",
@@ -21,7 +22,25 @@ SPECIAL_TOKENS = {
     "eot": "<|eot_id|>",
     "mask": "<|mdm_mask|>",
 }
+# Those that are targets wherever they occur (`Tokenizer.structural_ids`).
+STRUCTURAL = ("bos", "start_header", "end_header", "eot")
 FILENAME = "tokenizer.json"
+
+
+class _SpecialId:
+    """`tok.NAME_id`: the id of SPECIAL_TOKENS[NAME] (another name when given, for an alias)."""
+
+    def __init__(self, name: str | None = None):
+        self.name = name
+
+    def __set_name__(self, owner, attr: str) -> None:
+        self.name = self.name or attr.removesuffix("_id")
+        if self.name not in SPECIAL_TOKENS:
+            raise TypeError(f"{owner.__name__}.{attr}: {self.name!r} is not in SPECIAL_TOKENS")
+
+    def __get__(self, tok, owner=None) -> int:
+        return self if tok is None else tok.special_ids[self.name]
+
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the LLaDA special ids.
@@ -48,7 +67,7 @@ class Tokenizer:
                     f"{source}: the tokenizer lacks the special token {text!r} ({name})"
                 )
             ids[name] = int(i)
-        self._ids = ids
+        self._ids = types.MappingProxyType(ids)
         vocab = tok.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values()) + 1
 
@@ -103,32 +122,17 @@ class Tokenizer:
 
     # -- special ids ------------------------------------------------------------------------------
     @property
-    def mask_id(self) -> int:
-        return self._ids["mask"]
+    def special_ids(self) -> Mapping[str, int]:
+        """Every special token's id by its name in SPECIAL_TOKENS (read only)."""
+        return self._ids
 
-    @property
-    def bos_id(self) -> int:
-        return self._ids["bos"]
-
-    @property
-    def eos_id(self) -> int:
-        return self._ids["eos"]
-
-    @property
-    def pad_id(self) -> int:
-        return self._ids["eos"]
-
-    @property
-    def start_header_id(self) -> int:
-        return self._ids["start_header"]
-
-    @property
-    def end_header_id(self) -> int:
-        return self._ids["end_header"]
-
-    @property
-    def eot_id(self) -> int:
-        return self._ids["eot"]
+    mask_id = _SpecialId()
+    bos_id = _SpecialId()
+    eos_id = _SpecialId()
+    pad_id = _SpecialId("eos")
+    start_header_id = _SpecialId()
+    end_header_id = _SpecialId()
+    eot_id = _SpecialId()
 
     @property
     def placeholder_id(self) -> int:
@@ -141,9 +145,9 @@ class Tokenizer:
         return self._ids["eos"]
 
     @property
-    def structural_ids(self) -> tuple[int, int, int, int]:
-        """Tokens that are targets wherever they occur (DESIGN.md 2.1)."""
-        return (self.bos_id, self.start_header_id, self.end_header_id, self.eot_id)
+    def structural_ids(self) -> tuple[int, ...]:
+        """Tokens that are targets wherever they occur (docs/design.md §3.1)."""
+        return tuple(self._ids[name] for name in STRUCTURAL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The masked-diffusion objective of LLaDA / LLaDA-V in its SFT form (DESIGN.md 2.2), pure.
+"""The masked-diffusion objective of LLaDA / LLaDA-V in its SFT form (docs/design.md §4.1), pure.
 
 Per sample: t ~ U(0, 1), p_mask = (1 - eps) t + eps; every target position is replaced by the
 mask token with probability p_mask (other positions never are). The loss is
@@ -66,11 +66,3 @@ def loss_terms(
     weight = jnp.where(masked, 1.0 / (p_mask * jnp.maximum(l_ans, 1)), 0.0)
     per_segment = segment_counts(targets, segment_ids).at[:, 0].set(0)  # id 0 is padding
     return jnp.sum(ce * weight), jnp.sum(per_segment > 0).astype(jnp.float32)
-
-
-def masked_accuracy_terms(
-    logits: jax.Array, tokens: jax.Array, positions: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """(correct argmax predictions, count) over `positions` [B, L] bool."""
-    hit = (jnp.argmax(logits, axis=-1) == tokens) & positions
-    return jnp.sum(hit).astype(jnp.float32), jnp.sum(positions).astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""The LLaDA sampler (DESIGN.md 3.1) with Fast-dLLM's caches and parallel decoding (3.2).
+"""The LLaDA sampler (docs/design.md §5.1) with Fast-dLLM's caches and parallel decoding (§5.2-5.3).
 
 The answer region (gen_length mask tokens after the prompt) is decoded in blocks, left to
 right; each block gets steps / num_blocks steps. A step predicts every masked position of the
@@ -27,12 +27,17 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import io_callback
 
+from lladav_jax.data.example import VISUAL_KEYS
+
 CACHES = ("none", "prefix", "dual")
 REMASKING = ("low_confidence", "random")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
+    """The sampler's options and their defaults: the one definition that `Model.generate`,
+    the CLIs' flags and `torch_reference.generate` take theirs from (`defaults()`)."""
+
     gen_length: int = 128
     steps: int = 128
     block_length: int = 128
@@ -43,6 +48,10 @@ class SamplerOptions:
     threshold: float | None = None
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # e.g. temperature=1 stored as 1.0
+            value = getattr(self, f.name)
+            if "float" in str(f.type) and value is not None:
+                object.__setattr__(self, f.name, float(value))
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking {self.remasking!r}: choose one of {REMASKING}")
         if self.cache not in CACHES:
@@ -61,6 +70,16 @@ class SamplerOptions:
     def num_blocks(self) -> int:
         return self.gen_length // self.block_length
 
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every option's name and default value, in field order."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+# The special tokens (names of `tokenizer.SPECIAL_TOKENS`) LLaDA-V never predicts at a masked
+# position.
+FORBIDDEN = ("eos", "bos", "start_header", "end_header")
+
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
@@ -70,8 +89,8 @@ class SpecialIds:
 
     @classmethod
     def from_tokenizer(cls, tok) -> SpecialIds:
-        return cls(tok.mask_id, tok.eot_id,
-                   (tok.eos_id, tok.bos_id, tok.start_header_id, tok.end_header_id))
+        ids = tok.special_ids
+        return cls(ids["mask"], ids["eot"], tuple(ids[name] for name in FORBIDDEN))
 
 
 def num_transfer_tokens(masked_count: jax.Array, steps: int) -> jax.Array:
@@ -222,10 +241,10 @@ def generate(
     """Answers for a batch of prompts; jit it (`jax.jit(generate, static_argnames=...)`).
 
     prompt: `tokens` [B, P] (left-padded), `valid` [B, P] bool, and optionally the visual
-    inputs of `LLaDAV.embed_inputs` (`pixels`, `visual_pos` within the prompt, `visual_src`,
-    `visual_w`). Returns `tokens` [B, gen_length] (masks left where a row stopped early),
-    `committed_at` [B, gen_length] (the step that committed each token; -1 never) and `steps`
-    (denoising steps run). `on_block(b, tokens)` is called on the host after every block.
+    inputs of `LLaDAV.embed_inputs` (`VISUAL_KEYS`; `visual_pos` within the prompt).
+    Returns `tokens` [B, gen_length] (masks left where a row stopped early), `committed_at`
+    [B, gen_length] (the step that committed each token; -1 never) and `steps` (denoising
+    steps run). `on_block(b, tokens)` is called on the host after every block.
     """
     o = options
     tokens, valid = prompt["tokens"], prompt["valid"].astype(bool)
@@ -234,8 +253,7 @@ def generate(
     x = jnp.concatenate([tokens, jnp.full((b, o.gen_length), ids.mask, tokens.dtype)], axis=1)
     segments = jnp.concatenate([valid, jnp.ones((b, o.gen_length), bool)], 1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
-    visual = {k: prompt[k] for k in ("pixels", "visual_pos", "visual_src", "visual_w")
-              if k in prompt}
+    visual = {k: prompt[k] for k in VISUAL_KEYS if k in prompt}
     prompt_embeds = model.embed_inputs(x, **visual)  # the vision tower runs once
     if o.cfg_scale > 0:  # the unconditional rows: the prompt (images too) all masks
         blank = jnp.where(segments[:, :p] > 0, ids.mask, tokens)

@@ -29,6 +29,7 @@ from lladav_jax.data.layout import collate_visual
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, encode_prompt
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds, compiled_generate
+from lladav_jax.scale import sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this (fewer recompiles)
 
@@ -153,31 +154,28 @@ class Model:
         self,
         items: Sequence[tuple[Images, str]],
         *,
-        gen_length: int = 128,
-        steps: int = 128,
-        block_length: int = 128,
-        temperature: float = 0.0,
-        remasking: str = "low_confidence",
-        cfg_scale: float = 0.0,
-        cache: str = "none",
-        threshold: float | None = None,
         seed: int = 0,
         on_block: Callable[[list[BlockDone]], Any] | None = None,
         return_details: bool = False,
         system: str | None = None,
+        **options,
     ) -> list[str] | list[Generation]:
         """Answers for (images, prompt) pairs, decoded together as one batch.
 
-        `on_block(blocks)` gets one BlockDone per item after every block (for streaming).
+        `options`: the sampler's, named as `SamplerOptions`' fields (gen_length, steps, cache,
+        threshold, ...); those not given take its defaults. `on_block(blocks)` gets one
+        BlockDone per item after every block (for streaming).
         """
+        unknown = sorted(set(options) - set(SamplerOptions.defaults()))
+        if unknown:
+            raise TypeError(f"generate_batch() got unexpected keyword arguments {unknown}; the "
+                            f"sampler's options are {list(SamplerOptions.defaults())}")
         if not items:
             return []
-        options = SamplerOptions(gen_length, steps, block_length, float(temperature), remasking,
-                                 float(cfg_scale), cache,
-                                 None if threshold is None else float(threshold))
+        options = SamplerOptions(**options)
         system = self.system_prompt if system is None else system
         prompts = [self._encode(images, prompt, system) for images, prompt in items]
-        batch = self._collate(prompts, gen_length)
+        batch = self._collate(prompts, options.gen_length)
         sampler = self._sampler(options, on_block is not None)
 
         def listener(block: int, tokens: np.ndarray) -> None:
@@ -212,9 +210,8 @@ class Model:
     ) -> str | Generation:
         """The answer to `prompt` about `images` (one image, a list, or None).
 
-        Options: gen_length=128, steps=128, block_length=128, temperature=0.,
-        remasking='low_confidence', cfg_scale=0., cache='none' ('prefix', 'dual'),
-        threshold=None, seed=0, system=None (the model's `system_prompt`).
+        Options: those of `generate_batch` (the sampler's, `SamplerOptions`, with its
+        defaults), seed=0, system=None (the model's `system_prompt`).
         `on_block(BlockDone)` is called after every block; `return_details` gives a Generation
         (ids, commit steps) instead of text.
         """
@@ -224,11 +221,16 @@ class Model:
         return result
 
 
-def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Model:
+def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
+         rules: sharding.Rules | None = None) -> Model:
     """A Model from a model directory, a training workdir (its latest step) or a step directory;
-    with a mesh the parameters are restored sharded."""
-    module, config = modeldir.load_model(path, mesh=mesh)
+    with a mesh the parameters are restored sharded, logical axes mapped by `rules` (default:
+    the rules of the training run that wrote `path`, its `mesh.rules` over DEFAULT_RULES)."""
     paths = modeldir.resolve(path)
+    if mesh is not None and rules is None:
+        mesh_config = modeldir.run_config(paths.tokenizer_dir).get("mesh", {})
+        rules = sharding.logical_rules(mesh_config.get("rules"))
+    module, config = modeldir.load_model(path, mesh=mesh, rules=rules or sharding.DEFAULT_RULES)
     tokenizer = Tokenizer.load(paths.tokenizer_dir)
     return Model(module, config, tokenizer, trained_system_prompt(paths.tokenizer_dir))
 

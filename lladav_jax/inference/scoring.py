@@ -1,4 +1,4 @@
-"""Scoring answers the way `lladav-eval` does (DESIGN.md 5): benchmark presets, reading rows,
+"""Scoring answers as `lladav-eval` does (docs/design.md §10.3): benchmark presets, reading rows,
 extracting option letters, exact match and relaxed accuracy.
 
 Rows: `image` (a path, a list of paths, or absent; relative paths are read from the data file's
@@ -17,7 +17,7 @@ import re
 import string
 from collections.abc import Sequence
 
-# The paper's benchmark settings (DESIGN.md 3.1): temperature 0, low_confidence remasking.
+# The paper's benchmark settings (docs/design.md §5.4): temperature 0, low_confidence remasking.
 _PAPER = dict(temperature=0.0, remasking="low_confidence")
 PRESETS = {
     "multiple_choice": dict(gen_length=2, block_length=2, steps=2, **_PAPER),

@@ -7,31 +7,32 @@ sequence, so the attention FLOPs are NOT halved as for causal models.
 
 from __future__ import annotations
 
-from lladav_jax.models.siglip import num_kept_layers
+from lladav_jax.models.config import ModelConfig, ModelConfigLike, TextConfig
 
 
-def _text_matmul_params(t) -> int:
+def _text_matmul_params(t: TextConfig) -> int:
     attn = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
     mlp = 3 * t.hidden_size * t.intermediate_size
     return t.num_layers * (attn + mlp) + t.hidden_size * t.vocab_size  # + the head
 
 
-def _vision_matmul_params(cfg) -> int:
+def _vision_matmul_params(cfg: ModelConfig) -> int:
     v = cfg.vision
     per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     patch = 3 * v.patch_size**2 * v.hidden_size
     connector = v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size**2
-    return num_kept_layers(v) * per_layer + patch + connector
+    return v.kept_layers * per_layer + patch + connector
 
 
-def flops_per_step(cfg, batch_shape: tuple[int, int], tiles: int) -> float:
+def flops_per_step(cfg: ModelConfigLike, batch_shape: tuple[int, int], tiles: int) -> float:
     """Training FLOPs of one step: `batch_shape` (rows, length) of text, `tiles` image tiles."""
+    cfg = ModelConfig.from_config(cfg)
     rows, length = batch_shape
     t, v = cfg.text, cfg.vision
     tokens = rows * length
     text = 6 * _text_matmul_params(t) * tokens
     text += 12 * t.num_layers * length * t.num_heads * t.head_dim * tokens
-    p = (v.image_size // v.patch_size) ** 2
+    p = v.num_patches
     vision = 6 * _vision_matmul_params(cfg) * tiles * p
-    vision += 12 * num_kept_layers(v) * p * v.hidden_size * tiles * p
+    vision += 12 * v.kept_layers * p * v.hidden_size * tiles * p
     return float(text + vision)

@@ -1,4 +1,4 @@
-"""Mapping between the official Hugging Face key layout (DESIGN.md 1.5) and our parameters.
+"""Mapping between the official Hugging Face key layout (docs/design.md §6.1) and our parameters.
 
 One table of `Entry` rows drives both directions, one tensor at a time, so that a converter can
 stream: each row names our parameter path, the HF key (with `{i}` for per-layer tensors, which
@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
-from lladav_jax.models.siglip import num_kept_layers
+from lladav_jax.models.config import ModelConfig, ModelConfigLike
 
 LLM_PREFIX = "model."
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -25,34 +25,58 @@ VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 VISION_IGNORED = ("post_layernorm.", "head.")
 
 
+# How HF lays out each kind of tensor, as the axes that bring it to ours (`np.transpose`):
+# ours[axis i] = HF[axis PERMUTATIONS[kind][i]]; the inverse permutation goes back. A PyTorch
+# Linear weight is [out, in] and ours [in, out]; a convolution OIHW (out, in, kh, kw) and ours
+# HWIO. Everything else (embeddings, norms, biases, positions) is stored as we hold it.
+PERMUTATIONS: dict[str, tuple[int, ...] | None] = {
+    "copy": None,
+    "linear": (1, 0),
+    "conv": (2, 3, 1, 0),
+}
+
+
+def _perm(kind: str, ndim: int) -> tuple[int, ...]:
+    p = PERMUTATIONS[kind]
+    return tuple(range(ndim)) if p is None else p
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argsort(perm))
+
+
+def _to_ours(kind: str, x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, _perm(kind, x.ndim))
+
+
+def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, _inverse(_perm(kind, x.ndim)))
+
+
+def _hf_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF shape of one (unstacked) parameter of shape `ours`."""
+    return tuple(ours[i] for i in _inverse(_perm(kind, len(ours))))
+
+
+def _hf_row_axis(kind: str, ndim: int) -> int:
+    """Our axis that HF's first axis (the rows a converter streams) becomes."""
+    return _perm(kind, ndim).index(0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     ours: tuple[str, ...]  # path in the model's parameter tree
     hf: str  # HF key; "{i}" marks a per-layer tensor
-    kind: str = "copy"  # copy | linear (transpose) | conv (OIHW <-> HWIO)
+    kind: str = "copy"  # a key of PERMUTATIONS: copy | linear | conv
     layers: int = 0  # number of stacked layers when `hf` has "{i}"
 
     def hf_keys(self) -> list[str]:
         return [self.hf.format(i=i) for i in range(self.layers)] if self.layers else [self.hf]
 
 
-def _to_ours(kind: str, x: np.ndarray) -> np.ndarray:
-    if kind == "linear":
-        return x.T
-    if kind == "conv":
-        return x.transpose(2, 3, 1, 0)
-    return x
-
-
-def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
-    if kind == "linear":
-        return x.T
-    if kind == "conv":
-        return x.transpose(3, 2, 0, 1)
-    return x
-
-
-def llm_entries(cfg, root: tuple[str, ...] = ("llm",)) -> list[Entry]:
+def llm_entries(cfg: ModelConfigLike, root: tuple[str, ...] = ("llm",)) -> list[Entry]:
+    """LLaDA's parameters (under `root`; `()` for a bare `LLaDA`)."""
+    cfg = ModelConfig.from_config(cfg)
     n, p = cfg.text.num_layers, LLM_PREFIX + "layers.{i}."
     rows = [
         Entry((*root, "embed", "embedding"), LLM_PREFIX + "embed_tokens.weight"),
@@ -69,8 +93,9 @@ def llm_entries(cfg, root: tuple[str, ...] = ("llm",)) -> list[Entry]:
     return rows
 
 
-def vision_entries(cfg, root: tuple[str, ...] = ("vision",)) -> list[Entry]:
-    n = num_kept_layers(cfg.vision)
+def vision_entries(cfg: ModelConfigLike, root: tuple[str, ...] = ("vision",)) -> list[Entry]:
+    """SigLIP's kept parameters (under `root`; `()` for a bare `SigLIPVision`)."""
+    n = ModelConfig.from_config(cfg).vision.kept_layers
     p = VISION_PREFIX + "encoder.layers.{i}."
     rows = [
         Entry((*root, "patch_embed", "kernel"), VISION_PREFIX + "embeddings.patch_embedding.weight",
@@ -89,8 +114,9 @@ def vision_entries(cfg, root: tuple[str, ...] = ("vision",)) -> list[Entry]:
     return rows
 
 
-def lladav_entries(cfg) -> list[Entry]:
+def lladav_entries(cfg: ModelConfigLike) -> list[Entry]:
     """Every parameter of the full LLaDA-V model, in a stable order."""
+    cfg = ModelConfig.from_config(cfg)
     connector = [
         Entry(("connector", "fc1", "kernel"), "model.mm_projector.0.weight", "linear"),
         Entry(("connector", "fc1", "bias"), "model.mm_projector.0.bias"),
@@ -101,7 +127,7 @@ def lladav_entries(cfg) -> list[Entry]:
     return llm_entries(cfg) + vision_entries(cfg) + connector
 
 
-def is_ignored_hf_key(key: str, cfg) -> bool:
+def is_ignored_hf_key(key: str, cfg: ModelConfigLike) -> bool:
     """Keys an official checkpoint may hold that LLaDA-V never uses (so never imports)."""
     if not key.startswith(VISION_PREFIX):
         return False
@@ -109,7 +135,7 @@ def is_ignored_hf_key(key: str, cfg) -> bool:
     if rest.startswith(VISION_IGNORED):
         return True
     if rest.startswith("encoder.layers."):
-        return int(rest.split(".")[2]) >= num_kept_layers(cfg.vision)
+        return int(rest.split(".")[2]) >= ModelConfig.from_config(cfg).vision.kept_layers
     return False
 
 
@@ -117,27 +143,16 @@ class WeightMappingError(ValueError):
     """Missing, unexpected or mis-shaped keys; the message lists every offending key."""
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def check_hf_keys(
     entries: list[Entry], shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple],
-    cfg, stored_names: Mapping[str, str] | None = None,
+    cfg: ModelConfigLike, stored_names: Mapping[str, str] | None = None,
 ) -> None:
     """Raises one WeightMappingError naming every missing, unexpected or mis-shaped HF key.
 
     shapes: HF key -> stored shape; expected: HF key -> shape our model needs;
     stored_names: HF key -> the name it has in the files read, when they were renamed.
     """
+    cfg = ModelConfig.from_config(cfg)  # once, not per key
     stored_names = stored_names or {}
     name = lambda k: f"{k} (stored as {stored_names[k]})" if k in stored_names else k
     wanted = {k for e in entries for k in e.hf_keys()}
@@ -159,21 +174,18 @@ def check_hf_keys(
 
 def expected_hf_shapes(entries: list[Entry], params: Mapping) -> dict[str, tuple[int, ...]]:
     """HF key -> shape, derived from our (possibly abstract) parameter tree."""
-    out = {}
+    out, leaves = {}, traverse_util.flatten_dict(params)
     for e in entries:
-        shape = tuple(_get(params, e.ours).shape)
-        per_layer = shape[1:] if e.layers else shape
-        if e.kind == "linear":
-            per_layer = per_layer[::-1]
-        elif e.kind == "conv":
-            per_layer = (per_layer[3], per_layer[2], per_layer[0], per_layer[1])
+        shape = tuple(leaves[e.ours].shape)
+        per_layer = _hf_shape(e.kind, shape[1:] if e.layers else shape)
         for k in e.hf_keys():
             out[k] = per_layer
     return out
 
 
 def from_hf(
-    state_dict: Mapping[str, np.ndarray], params: Mapping, entries: list[Entry], cfg
+    state_dict: Mapping[str, np.ndarray], params: Mapping, entries: list[Entry],
+    cfg: ModelConfigLike,
 ) -> dict:
     """HF state dict -> nested dict of numpy arrays shaped like `params` (a pure dict).
 
@@ -181,10 +193,8 @@ def from_hf(
     """
     shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
     check_hf_keys(entries, shapes, expected_hf_shapes(entries, params), cfg)
-    out: dict = {}
-    for e, value in iter_from_hf(entries, state_dict):
-        _set(out, e.ours, value)
-    return out
+    return traverse_util.unflatten_dict(
+        {e.ours: value for e, value in iter_from_hf(entries, state_dict)})
 
 
 def iter_from_hf(entries: list[Entry], tensors: Mapping) -> Iterator[tuple[Entry, np.ndarray]]:
@@ -200,8 +210,10 @@ def to_hf(params: Mapping, entries: list[Entry]) -> dict[str, np.ndarray]:
 
 
 def iter_to_hf(params: Mapping, entries: list[Entry]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF key, array in HF layout) one tensor at a time."""
+    leaves = traverse_util.flatten_dict(params)
     for e in entries:
-        value = np.asarray(_get(params, e.ours))
+        value = np.asarray(leaves[e.ours])
         if e.layers:
             for key, layer in zip(e.hf_keys(), value):
                 yield key, np.ascontiguousarray(_to_hf(e.kind, layer))
@@ -209,7 +221,10 @@ def iter_to_hf(params: Mapping, entries: list[Entry]) -> Iterator[tuple[str, np.
             yield e.hf, np.ascontiguousarray(_to_hf(e.kind, value))
 
 
-def load_hf(model, state_dict: Mapping[str, np.ndarray], entries: list[Entry], cfg) -> None:
+def load_hf(
+    model: nnx.Module, state_dict: Mapping[str, np.ndarray], entries: list[Entry],
+    cfg: ModelConfigLike,
+) -> None:
     """Writes an HF state dict into an nnx model in place (checked first; nothing on error)."""
     state = nnx.state(model, nnx.Param)
     current = nnx.to_pure_dict(state)
@@ -224,7 +239,7 @@ def load_hf(model, state_dict: Mapping[str, np.ndarray], entries: list[Entry], c
     nnx.update(model, state)
 
 
-def export_hf(model, entries: list[Entry]) -> dict[str, np.ndarray]:
+def export_hf(model: nnx.Module, entries: list[Entry]) -> dict[str, np.ndarray]:
     """An nnx model's parameters as an HF state dict (numpy)."""
     return to_hf(nnx.to_pure_dict(nnx.state(model, nnx.Param)), entries)
 
@@ -248,9 +263,8 @@ def llava_onevision_key(key: str) -> str:
 
 
 # --- Streaming: one block of rows at a time -------------------------------------------------
-# A converter never holds a whole stacked parameter: it moves rows of one HF tensor at a time.
-# HF's first axis is our axis 0 (copy), 1 (linear: transposed) or 3 (conv: OIHW -> HWIO).
-_HF_ROW_AXIS = {"copy": 0, "linear": 1, "conv": 3}
+# A converter never holds a whole stacked parameter: it moves rows of one HF tensor at a time
+# (HF's first axis, our axis `_hf_row_axis`).
 
 
 def row_ranges(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -265,7 +279,7 @@ def row_ranges(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tu
 def _our_index(e: Entry, layer: int, start: int, stop: int, ndim: int) -> tuple[slice, ...]:
     index = [slice(None)] * ndim
     if ndim:
-        index[_HF_ROW_AXIS[e.kind]] = slice(start, stop)
+        index[_hf_row_axis(e.kind, ndim)] = slice(start, stop)
     return (slice(layer, layer + 1), *index) if e.layers else tuple(index)
 
 
@@ -302,7 +316,7 @@ def hf_blocks(
 
 
 # --- Other key layouts ------------------------------------------------------------------------
-# LLaDA-8B-Instruct's original (OLMo-style) names -> the HF-port names (DESIGN.md 1.5).
+# LLaDA-8B-Instruct's original (OLMo-style) names -> the HF-port names (docs/design.md §6.2).
 _OLMO_BLOCK = {
     "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
     "attn_out": "self_attn.o_proj", "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",

@@ -6,6 +6,7 @@ maps them onto mesh axes. Without a mesh the names are inert.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -23,15 +24,23 @@ def axes(*names: str | None) -> dict:
     return {"out_sharding": names, "eager_sharding": False}
 
 
-def dtype_of(name: str | jnp.dtype) -> jnp.dtype:
-    return jnp.dtype(name)
+_FLOAT32 = jnp.dtype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """The dtypes a layer needs: `dtype` computes (activations, matmuls), `param_dtype` stores.
+    `ModelConfig.numerics` builds it from the config's names."""
+
+    dtype: jnp.dtype = _FLOAT32
+    param_dtype: jnp.dtype = _FLOAT32
 
 
 def linear(
     d_in: int,
     d_out: int,
     names: Axes,
-    cfg,
+    numerics: Numerics,
     rngs: nnx.Rngs,
     *,
     use_bias: bool = False,
@@ -42,8 +51,8 @@ def linear(
         d_in,
         d_out,
         use_bias=use_bias,
-        dtype=dtype_of(cfg.dtype),
-        param_dtype=dtype_of(cfg.param_dtype),
+        dtype=numerics.dtype,
+        param_dtype=numerics.param_dtype,
         kernel_init=nnx.initializers.normal(std),
         kernel_metadata=axes(*names),
         bias_metadata=axes(names[-1]),
@@ -54,10 +63,10 @@ def linear(
 class RMSNorm(nnx.Module):
     """LLaMA RMSNorm: normalise in float32, cast back, then scale (the HF order of operations)."""
 
-    def __init__(self, dim: int, eps: float, cfg, axis: str = "norm"):
+    def __init__(self, dim: int, eps: float, numerics: Numerics, axis: str = "norm"):
         self.eps = eps
-        self.dtype = dtype_of(cfg.dtype)
-        self.weight = nnx.Param(jnp.ones((dim,), dtype_of(cfg.param_dtype)), **axes(axis))
+        self.dtype = numerics.dtype
+        self.weight = nnx.Param(jnp.ones((dim,), numerics.param_dtype), **axes(axis))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -65,12 +74,15 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
-def layer_norm(dim: int, eps: float, cfg, rngs: nnx.Rngs, axis: str = "norm") -> nnx.LayerNorm:
+def layer_norm(
+    dim: int, eps: float, numerics: Numerics, rngs: nnx.Rngs, axis: str = "norm"
+) -> nnx.LayerNorm:
+    """LayerNorm (scale and bias) over the last axis, statistics in float32 (flax)."""
     return nnx.LayerNorm(
         dim,
         epsilon=eps,
-        dtype=dtype_of(cfg.dtype),
-        param_dtype=dtype_of(cfg.param_dtype),
+        dtype=numerics.dtype,
+        param_dtype=numerics.param_dtype,
         scale_metadata=axes(axis),
         bias_metadata=axes(axis),
         rngs=rngs,
@@ -93,6 +105,7 @@ _POLICIES: dict[str, Callable | None] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
+REMAT_POLICIES = ("none", *_POLICIES)
 
 
 def remat(fn: Callable, policy: str) -> Callable:
@@ -104,7 +117,9 @@ def remat(fn: Callable, policy: str) -> Callable:
     return jax.checkpoint(fn, policy=_POLICIES[policy], prevent_cse=False)
 
 
-def scan_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs):
+def scan_layers(
+    make_layer: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
+) -> nnx.Module:
     """Creates `n` layers with stacked parameters (leading `layers` axis) for `run_layers`."""
 
     @nnx.split_rngs(splits=n)
@@ -126,7 +141,9 @@ def run_layers(layers: nnx.Module, x: jax.Array, policy: str, **kwargs) -> jax.A
     return x
 
 
-def run_layers_with_cache(layers: nnx.Module, x: jax.Array, cache, **kwargs):
+def run_layers_with_cache(
+    layers: nnx.Module, x: jax.Array, cache: tuple[jax.Array, jax.Array], **kwargs
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Like `run_layers` for inference, threading each layer's K/V cache through the scan:
     cache is (K, V) stacked over layers; returns (x, updated cache)."""
     graphdef, state = nnx.split(layers)

@@ -1,4 +1,4 @@
-"""LLaDA-8B: a LLaMA-3-shaped transformer with bidirectional attention (DESIGN.md 1.1).
+"""LLaDA-8B: a LLaMA-3-shaped transformer with bidirectional attention (docs/design.md §1.1).
 
 Pre-norm RMSNorm blocks, half-split ("rotate_half") RoPE, SwiGLU MLP, untied output head, no
 biases. Attention sees every token of the same segment: padding (segment 0) and other packed
@@ -14,7 +14,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lladav_jax.models import layers
 from lladav_jax.models.attention import attention
-from lladav_jax.models.layers import RMSNorm, constrain, linear
+from lladav_jax.models.config import ModelConfig, ModelConfigLike, TextConfig
+from lladav_jax.models.layers import Numerics, RMSNorm, constrain, linear
 
 ACT = ("batch", "length", "act_embed")
 
@@ -37,20 +38,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Block(nnx.Module):
     """One transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        t = cfg.text
+    def __init__(
+        self, t: TextConfig, numerics: Numerics, attention_impl: str, rngs: nnx.Rngs
+    ) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
-        self.attention_impl = cfg.attention_impl
+        self.attention_impl = attention_impl
         d, q_dim, kv_dim = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-        self.attn_norm = RMSNorm(d, t.rms_norm_eps, cfg)
-        self.q = linear(d, q_dim, ("embed", "heads"), cfg, rngs)
-        self.k = linear(d, kv_dim, ("embed", "kv_heads"), cfg, rngs)
-        self.v = linear(d, kv_dim, ("embed", "kv_heads"), cfg, rngs)
-        self.o = linear(q_dim, d, ("heads", "embed"), cfg, rngs)
-        self.mlp_norm = RMSNorm(d, t.rms_norm_eps, cfg)
-        self.gate = linear(d, t.intermediate_size, ("embed", "mlp"), cfg, rngs)
-        self.up = linear(d, t.intermediate_size, ("embed", "mlp"), cfg, rngs)
-        self.down = linear(t.intermediate_size, d, ("mlp", "embed"), cfg, rngs)
+        self.attn_norm = RMSNorm(d, t.rms_norm_eps, numerics)
+        self.q = linear(d, q_dim, ("embed", "heads"), numerics, rngs)
+        self.k = linear(d, kv_dim, ("embed", "kv_heads"), numerics, rngs)
+        self.v = linear(d, kv_dim, ("embed", "kv_heads"), numerics, rngs)
+        self.o = linear(q_dim, d, ("heads", "embed"), numerics, rngs)
+        self.mlp_norm = RMSNorm(d, t.rms_norm_eps, numerics)
+        self.gate = linear(d, t.intermediate_size, ("embed", "mlp"), numerics, rngs)
+        self.up = linear(d, t.intermediate_size, ("embed", "mlp"), numerics, rngs)
+        self.down = linear(t.intermediate_size, d, ("mlp", "embed"), numerics, rngs)
 
     def __call__(
         self,
@@ -62,7 +64,7 @@ class Block(nnx.Module):
         cache: tuple[jax.Array, jax.Array] | None = None,
         start: jax.Array | int = 0,
         kv_segment_ids: jax.Array | None = None,
-    ):
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x [B, n, D] -> [B, n, D]. With `cache` (K, V of the whole sequence, [B, L, Hkv, Dh]),
         x is the chunk at `start`: its fresh K/V replace the cached ones there, it attends to
         the whole sequence (`kv_segment_ids` [B, L]), and the updated cache is returned too."""
@@ -90,22 +92,25 @@ class Block(nnx.Module):
 class LLaDA(nnx.Module):
     """Token embeddings -> stacked blocks -> final norm -> untied head."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        t = cfg.text
+    def __init__(self, cfg: ModelConfigLike, *, rngs: nnx.Rngs) -> None:
+        cfg = ModelConfig.from_config(cfg)
+        t, numerics = cfg.text, cfg.numerics
         self.remat_policy = cfg.remat_policy
         self.head_dim, self.rope_theta = t.head_dim, t.rope_theta
         self.embed = nnx.Embed(
             t.vocab_size,
             t.hidden_size,
-            dtype=layers.dtype_of(cfg.dtype),
-            param_dtype=layers.dtype_of(cfg.param_dtype),
+            dtype=numerics.dtype,
+            param_dtype=numerics.param_dtype,
             embedding_init=nnx.initializers.normal(0.02),
             embedding_metadata=layers.axes("vocab", "embed"),
             rngs=rngs,
         )
-        self.layers = layers.scan_layers(lambda r: Block(cfg, r), t.num_layers, rngs)
-        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, cfg)
-        self.lm_head = linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), cfg, rngs)
+        self.layers = layers.scan_layers(
+            lambda r: Block(t, numerics, cfg.attention_impl, r), t.num_layers, rngs
+        )
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, numerics)
+        self.lm_head = linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), numerics, rngs)
 
     def hidden_states(
         self,
@@ -130,7 +135,9 @@ class LLaDA(nnx.Module):
         )
         return self.norm(x)
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> tuple[jax.Array, jax.Array]:
+    def init_cache(
+        self, batch: int, length: int, dtype: jnp.dtype | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Zeroed K/V of every layer: two arrays [layers, B, L, kv_heads, head_dim]."""
         k = self.layers.k.kernel
         shape = (k.shape[0], batch, length, k.shape[2] // self.head_dim, self.head_dim)
@@ -157,6 +164,7 @@ class LLaDA(nnx.Module):
         return self.norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-norm hidden states [B, L, D] -> logits [B, L, vocab]."""
         return constrain(self.lm_head(hidden), ("batch", "length", "act_vocab"))
 
     def __call__(

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lladav_jax.models import layers
+from lladav_jax.models.config import ConnectorConfig, ModelConfig, ModelConfigLike
+from lladav_jax.models.layers import Numerics
 from lladav_jax.models.llada import LLaDA
 from lladav_jax.models.siglip import SigLIPVision
 from lladav_jax.scale import sharding
@@ -23,26 +25,31 @@ from lladav_jax.scale import sharding
 class Connector(nnx.Module):
     """`mlp2x_gelu`: Linear -> GELU (exact erf) -> Linear, both with bias."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        if cfg.connector != "mlp2x_gelu":
-            raise ValueError(f"unknown connector {cfg.connector!r}; only mlp2x_gelu exists")
-        d_vis, d = cfg.vision.hidden_size, cfg.text.hidden_size
-        self.fc1 = layers.linear(d_vis, d, (None, "embed"), cfg, rngs, use_bias=True)
-        self.fc2 = layers.linear(d, d, ("mlp", "embed"), cfg, rngs, use_bias=True)
+    def __init__(
+        self, connector: ConnectorConfig, d_vision: int, d_text: int, numerics: Numerics,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if connector.kind != "mlp2x_gelu":
+            raise ValueError(f"unknown connector {connector.kind!r}; only mlp2x_gelu exists")
+        self.fc1 = layers.linear(d_vision, d_text, (None, "embed"), numerics, rngs, use_bias=True)
+        self.fc2 = layers.linear(d_text, d_text, ("mlp", "embed"), numerics, rngs, use_bias=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Vision features [..., d_vision] -> [..., d_text]."""
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class LLaDAV(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        d = cfg.text.hidden_size
+    """SigLIP tower -> connector -> visual tokens written into LLaDA's input embeddings."""
+
+    def __init__(self, cfg: ModelConfigLike, *, rngs: nnx.Rngs) -> None:
+        cfg = ModelConfig.from_config(cfg)
+        d, numerics = cfg.text.hidden_size, cfg.numerics
         self.vision = SigLIPVision(cfg, rngs=rngs)
-        self.connector = Connector(cfg, rngs)
+        self.connector = Connector(cfg.connector, cfg.vision.hidden_size, d, numerics, rngs)
         # The official init: randn * 1/sqrt(hidden).
         self.image_newline = nnx.Param(
-            jax.random.normal(rngs.params(), (d,), layers.dtype_of(cfg.param_dtype))
-            / math.sqrt(d),
+            jax.random.normal(rngs.params(), (d,), numerics.param_dtype) / math.sqrt(d),
             **layers.axes("embed"),
         )
         self.llm = LLaDA(cfg, rngs=rngs)
@@ -97,9 +104,13 @@ class LLaDAV(nnx.Module):
         return self.llm.logits(self.llm.hidden_states(x, positions, segment_ids))
 
 
-def create(cfg, *, seed: int = 0, mesh=None, rules=sharding.DEFAULT_RULES) -> LLaDAV:
+def create(
+    cfg: ModelConfigLike, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+) -> LLaDAV:
     """A randomly initialised model. With a mesh, every parameter is born sharded by its logical
     axes (initialised inside one jit with those output shardings, never whole on one device)."""
+    cfg = ModelConfig.from_config(cfg)
     make = lambda: LLaDAV(cfg, rngs=nnx.Rngs(seed))
     if mesh is None:
         return nnx.jit(make)()
@@ -109,14 +120,21 @@ def create(cfg, *, seed: int = 0, mesh=None, rules=sharding.DEFAULT_RULES) -> LL
     return nnx.merge(graphdef, state)
 
 
-def abstract(cfg) -> LLaDAV:
+def abstract(cfg: ModelConfigLike) -> LLaDAV:
     """The model's shapes and dtypes only (no memory): `nnx.eval_shape`."""
+    cfg = ModelConfig.from_config(cfg)
     return nnx.eval_shape(lambda: LLaDAV(cfg, rngs=nnx.Rngs(0)))
 
 
-def param_counts(cfg) -> dict[str, int]:
+def abstract_params(cfg: ModelConfigLike) -> dict:
+    """The pure parameter dict (`nnx.to_pure_dict`) of `abstract(cfg)`: nested dicts of
+    `jax.ShapeDtypeStruct`, the layout of a model directory's params and of `hf_params`."""
+    return nnx.to_pure_dict(nnx.state(abstract(cfg), nnx.Param))
+
+
+def param_counts(cfg: ModelConfigLike) -> dict[str, int]:
     """Parameter counts by part: `text` (LLaDA), `vision` (SigLIP), `connector` (+ newline)."""
-    state = nnx.to_pure_dict(nnx.state(abstract(cfg), nnx.Param))
+    state = abstract_params(cfg)
     size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     counts = {
         "text": size(state["llm"]),

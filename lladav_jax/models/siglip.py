@@ -8,41 +8,41 @@ before `post_layernorm`, so the last layer, the final norm and the pooling head 
 from __future__ import annotations
 
 import jax
+import ml_collections
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lladav_jax.models import layers
 from lladav_jax.models.attention import attention
+from lladav_jax.models.config import ModelConfig, ModelConfigLike, VisionConfig, vision_config
+from lladav_jax.models.layers import Numerics
 
 
-def num_kept_layers(vision) -> int:
+def num_kept_layers(vision: VisionConfig | ml_collections.ConfigDict) -> int:
     """Encoder layers that run: `num_layers + select_layer + 1` (26 of 27 for select -2)."""
-    # Negative like `hidden_states[select_layer]` in transformers (index 0 = the embeddings).
-    s = vision.select_layer
-    n = vision.num_layers + s + 1 if s < 0 else s
-    if not 0 < n <= vision.num_layers:
-        raise ValueError(f"select_layer {vision.select_layer} out of range for {vision.num_layers}")
-    return n
+    return vision_config(vision).kept_layers
 
 
 class EncoderLayer(nnx.Module):
     """x += o(attn(ln1(x))); x += fc2(gelu_tanh(fc1(ln2(x))))."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        v = cfg.vision
+    def __init__(
+        self, v: VisionConfig, numerics: Numerics, attention_impl: str, *, rngs: nnx.Rngs
+    ) -> None:
         d, m = v.hidden_size, v.intermediate_size
         self.num_heads = v.num_heads
-        self.attention_impl = cfg.attention_impl
-        self.ln1 = layers.layer_norm(d, v.layer_norm_eps, cfg, rngs)
-        self.ln2 = layers.layer_norm(d, v.layer_norm_eps, cfg, rngs)
-        self.q = layers.linear(d, d, ("embed", "heads"), cfg, rngs, use_bias=True)
-        self.k = layers.linear(d, d, ("embed", "heads"), cfg, rngs, use_bias=True)
-        self.v = layers.linear(d, d, ("embed", "heads"), cfg, rngs, use_bias=True)
-        self.o = layers.linear(d, d, ("heads", "embed"), cfg, rngs, use_bias=True)
-        self.fc1 = layers.linear(d, m, ("embed", "mlp"), cfg, rngs, use_bias=True)
-        self.fc2 = layers.linear(m, d, ("mlp", "embed"), cfg, rngs, use_bias=True)
+        self.attention_impl = attention_impl
+        self.ln1 = layers.layer_norm(d, v.layer_norm_eps, numerics, rngs)
+        self.ln2 = layers.layer_norm(d, v.layer_norm_eps, numerics, rngs)
+        self.q = layers.linear(d, d, ("embed", "heads"), numerics, rngs, use_bias=True)
+        self.k = layers.linear(d, d, ("embed", "heads"), numerics, rngs, use_bias=True)
+        self.v = layers.linear(d, d, ("embed", "heads"), numerics, rngs, use_bias=True)
+        self.o = layers.linear(d, d, ("heads", "embed"), numerics, rngs, use_bias=True)
+        self.fc1 = layers.linear(d, m, ("embed", "mlp"), numerics, rngs, use_bias=True)
+        self.fc2 = layers.linear(m, d, ("mlp", "embed"), numerics, rngs, use_bias=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [N, P, D] -> [N, P, D]."""
         n, p, d = x.shape
         heads = lambda t: layers.constrain(
             t.reshape(n, p, self.num_heads, d // self.num_heads),
@@ -63,8 +63,9 @@ class EncoderLayer(nnx.Module):
 class SigLIPVision(nnx.Module):
     """pixels [N, H, W, 3] (normalised to [-1, 1]) -> features [N, (H/p)*(W/p), hidden]."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        v = cfg.vision
+    def __init__(self, cfg: ModelConfigLike, *, rngs: nnx.Rngs) -> None:
+        cfg = ModelConfig.from_config(cfg)
+        v, numerics = cfg.vision, cfg.numerics
         d, p = v.hidden_size, v.patch_size
         self.remat_policy = cfg.remat_policy
         self.patch_embed = nnx.Conv(
@@ -74,21 +75,20 @@ class SigLIPVision(nnx.Module):
             strides=(p, p),
             padding="VALID",
             use_bias=True,
-            dtype=layers.dtype_of(cfg.dtype),
-            param_dtype=layers.dtype_of(cfg.param_dtype),
+            dtype=numerics.dtype,
+            param_dtype=numerics.param_dtype,
             kernel_metadata=layers.axes(None, None, None, "embed"),
             bias_metadata=layers.axes("embed"),
             rngs=rngs,
         )
-        num_patches = (v.image_size // p) ** 2
         self.pos_embed = nnx.Param(
             nnx.initializers.normal(d**-0.5)(
-                rngs.params(), (num_patches, d), layers.dtype_of(cfg.param_dtype)
+                rngs.params(), (v.num_patches, d), numerics.param_dtype
             ),
             **layers.axes("patch", "embed"),
         )
         self.layers = layers.scan_layers(
-            lambda r: EncoderLayer(cfg, rngs=r), num_kept_layers(v), rngs
+            lambda r: EncoderLayer(v, numerics, cfg.attention_impl, rngs=r), v.kept_layers, rngs
         )
 
     def __call__(self, pixels: jax.Array) -> jax.Array:

@@ -125,7 +125,7 @@ def lower_train_step(config, mesh, mask_id: int = 0):
     step = jit_train_step(layout.step_graphdef, tx, mask_id,
                                   jax.tree.map(lambda x: x.sharding, state))
     # Under the mesh and rules, as the loop runs it: activation constraints take effect.
-    with sharding.sharding_context(mesh):
+    with sharding.sharding_context(mesh, layout.rules):
         lowered = step.lower(state, layout.frozen, batch)
     return lowered, layout, state, batch
 
@@ -161,7 +161,8 @@ def _compile_sampler(config, mesh, spec: SamplerSpec, tokenizer) -> dict:
     from lladav_jax.scale import sharding
 
     graphdef, state = nnx.split(lladav.abstract(config.model))
-    state = sharding.abstract_with_shardings(state, sharding.state_shardings(state, mesh))
+    rules = sharding.logical_rules(config.mesh.get("rules"))
+    state = sharding.abstract_with_shardings(state, sharding.state_shardings(state, mesh, rules))
     prompt_len = spec.prompt_len or int(config.model.image.max_visual_tokens) + 128
     options = sampler.SamplerOptions(gen_length=spec.gen_length, steps=spec.gen_length,
                                      block_length=spec.block_length, cache=spec.cache)

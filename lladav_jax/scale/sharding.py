@@ -1,7 +1,14 @@
 """Device mesh and logical-axis rules.
 
 Layers name their axes (`embed`, `heads`, `mlp`, `vocab`, `layers`, `batch`, ...); the rules
-below map each name onto mesh axes (`data`, `fsdp`, `tensor`).
+below map each name onto mesh axes (`data`, `fsdp`, `tensor`). A run config may replace some
+of them: `mesh.rules` holds (logical name, mesh axes) pairs that take the place of the default
+rules of those names (`logical_rules`), e.g. embeddings replicated instead of split over fsdp:
+
+    lladav-train ... --config.mesh.rules="(('embed', None),)"
+
+The trainer, `lladav-plan` and `lladav_jax.load` (from the run's train_config.json) all place
+the parameters by the rules so made.
 """
 
 from __future__ import annotations
@@ -14,13 +21,14 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # (logical name, mesh axes). Parameters: embed/heads/kv_heads/mlp/vocab/layers/norm/patch.
 # Activations: batch/length/act_* (kept apart so a parameter rule never reshapes activations).
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),
@@ -41,6 +49,39 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 class MeshError(ValueError):
     """The requested mesh does not fit the devices."""
+
+
+def logical_rules(overrides: Sequence | None = None) -> Rules:
+    """DEFAULT_RULES with `overrides` (a run config's `mesh.rules`) in place of the rules of the
+    same names. Each override is a (logical name, mesh axes) pair, axes one of MESH_AXES, a
+    sequence of them, or None (that dimension not split); also accepted flat, name, axes,
+    name, axes, ... (what one pair alone or a repeated --config.mesh.rules flag gives). Empty
+    or None: DEFAULT_RULES. A name without a default rule or an unknown axis is a MeshError."""
+    if not overrides:
+        return DEFAULT_RULES
+    pairs = overrides
+    if isinstance(overrides[0], str):
+        if len(overrides) % 2:
+            raise MeshError(f"mesh.rules: {tuple(overrides)!r} is not (logical name, mesh axes) "
+                            "pairs")
+        pairs = tuple(zip(overrides[::2], overrides[1::2]))
+    table = dict(DEFAULT_RULES)
+    for pair in pairs:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise MeshError(f"mesh.rules: {pair!r} is not a (logical name, mesh axes) pair")
+        name, axes = pair
+        if name not in table:
+            raise MeshError(f"mesh.rules: there is no logical axis {name!r}; the rules name "
+                            f"{', '.join(table)}")
+        if axes is not None and not isinstance(axes, str):
+            axes = tuple(axes)
+        unknown = [a for a in ((axes,) if isinstance(axes, str) else axes or ())
+                   if a not in MESH_AXES]
+        if unknown:
+            raise MeshError(f"mesh.rules: {name} -> {axes!r}: {', '.join(map(repr, unknown))} "
+                            f"not a mesh axis; use {', '.join(MESH_AXES)}, several, or None")
+        table[name] = axes
+    return tuple(table.items())
 
 
 def make_mesh(
@@ -115,11 +156,6 @@ def sharding_context(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
         yield
 
 
-def logical_to_mesh(axes: Sequence[str | None], rules=DEFAULT_RULES) -> PartitionSpec:
-    table = dict(rules)
-    return PartitionSpec(*(table.get(a) if a is not None else None for a in axes))
-
-
 def abstract_with_shardings(tree, shardings):
     """Shapes and dtypes of `tree` with the given shardings: a restore target that places
     every array straight into its shards."""
@@ -148,7 +184,7 @@ def check_divisible(tree, what: str = "parameters") -> None:
             if len(axes) == 1:
                 dims_of[axes[0]].append(dim)
             if dim % size:
-                name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+                name = jax.tree_util.keystr(path, simple=True, separator=".")
                 name = name.removesuffix(".value")  # nnx Variables' leaf
                 bad.append(f"{name} {tuple(leaf.shape)}: dimension {i} "
                            f"({dim}) over {'x'.join(axes)} ({size})")

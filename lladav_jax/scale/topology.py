@@ -11,16 +11,14 @@ Sources (datasheet figures per chip, dense bf16, no sparsity):
 - NVIDIA H100 SXM: H100 datasheet - 989 TFLOP/s dense bf16 (1979 is with sparsity), 80 GiB.
 - NVIDIA H200 SXM: H200 datasheet - 989 TFLOP/s dense bf16, 141 GiB HBM3e.
 - NVIDIA A100 SXM 80GB: A100 datasheet - 312 TFLOP/s dense bf16, 80 GiB.
-`lladav_jax.train.metrics.PEAK_TFLOPS` (MFU during training) holds the same peaks by device
-kind; tests/test_plan.py checks the two agree.
+The training MFU (`lladav_jax.train.metrics.peak_flops_per_device`) takes its peak from
+these records too, finding the chip by the device kind jax reports (`chip_for_device_kind`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-
-GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +42,9 @@ CHIPS = {
     "a100": Chip("NVIDIA A100 SXM 80GB", 80, 312.0, "NVIDIA A100-SXM4-80GB", "gpu", 1, None),
 }
 ALIASES = {"v5litepod": "v5e"}
+# Device kinds (lower case) by substring -> key of CHIPS, tried in this order.
+DEVICE_KINDS = {"v6": "v6e", "v5p": "v5p", "v5 lite": "v5e", "v5e": "v5e", "v4": "v4",
+                "h200": "h200", "h100": "h100", "a100": "a100"}  # fmt: skip
 _TPU = re.compile(r"^(v4|v5e|v5litepod|v5p|v6e)-(\d+)$")
 _GPU = re.compile(r"^(h100|h200|a100)x(\d+)$")
 
@@ -58,10 +59,6 @@ class Topology:
     family: str  # key of CHIPS
     chip: Chip
     chips: int  # per slice (a TPU slice, or the GPUs named)
-
-    @property
-    def hbm_bytes(self) -> int:
-        return int(self.chip.hbm_gib * GIB)
 
     @property
     def peak_flops(self) -> float:
@@ -84,6 +81,13 @@ def parse(name: str) -> Topology:
         # v4 / v5p names count TensorCores; a host has 4 chips = 8 cores.
         raise TopologyError(f"{name}: {family}-N counts TensorCores; N is a multiple of 8")
     return Topology(key, family, chip, n // chip.cores_per_chip)
+
+
+def chip_for_device_kind(kind: str) -> Chip | None:
+    """The chip a device kind (`jax.devices()[0].device_kind`) names; None if unknown (the CPU,
+    other accelerators)."""
+    kind = kind.lower()
+    return next((CHIPS[key] for sub, key in DEVICE_KINDS.items() if sub in kind), None)
 
 
 def names() -> list[str]:

@@ -3,24 +3,36 @@
     WORKDIR/config.json, tokenizer.json   the model config and tokenizer (a model directory's)
     WORKDIR/checkpoints/STEP/params       all parameters (the model-directory format)
                             /opt_state    the optimizer state of the trained parameters
-                            /meta         step, RNG, counters (JSON)
+                            /meta         step, RNG, counters (JSON: `Bookkeeping`)
                             /data         the Grain iterator state of every process (JSON)
 
 So `--ckpt WORKDIR` (or a step directory) works wherever a model directory does. Restoring
 takes abstract targets with shardings: a checkpoint restores onto any mesh.
+
+SIGTERM (a TPU preemption notice) is recorded by `Preemption`; the loop then saves at once
+(`Checkpoints.save_now`) at the next step boundary and stops.
 """
 
 from __future__ import annotations
 
 import pathlib
+import signal
+from typing import Any
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lladav_jax.checkpoints.modeldir import CHECKPOINTS_DIR
+from lladav_jax.train.bookkeeping import Bookkeeping
+from lladav_jax.train.step import TrainState
 
 
 class Checkpoints:
+    """The workdir's checkpoints: saved every `every` steps (and on demand), the last `keep`
+    kept, written in the background if `asynchronous`."""
+
     def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int, asynchronous: bool):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every, create=True,
@@ -40,30 +52,64 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, params, opt_state, meta: dict, data_iterator, *,
-             force: bool = False) -> bool:
+    def save(self, step: int, params: Any, opt_state: Any, book: Bookkeeping,
+             data_iterator: Any, *, force: bool = False) -> bool:
         """Saves (in the background) if `step` is due or `force`; True if a save started."""
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta),
+            meta=ocp.args.JsonSave(book.to_json()),
             data=grain.checkpoint.CheckpointSave(data_iterator),
         )
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, params_target, opt_target, data_iterator) -> tuple:
-        """(params, opt_state, meta) of `step`, placed per the abstract targets' shardings
-        (`parallel.abstract_with_shardings`); the data iterator is set to where it was."""
+    def save_now(self, step: int, state: TrainState, params: Any, book: Bookkeeping,
+                 carry: list[dict], data_iterator: Any) -> None:
+        """Saves the run at `step` whether due or not: `book` brought to `step` (with the
+        state's RNG key and `carry`, the unlogged window as host values) goes with it."""
+        book.step, book.pending = step, carry
+        book.rng = np.asarray(jax.random.key_data(state.rng)).tolist()
+        self.save(step, params, state.opt_state, book, data_iterator, force=True)
+
+    def restore(self, step: int, params_target: Any, opt_target: Any,
+                data_iterator: Any) -> tuple[Any, Any, Bookkeeping]:
+        """(params, opt_state, bookkeeping) of `step`, placed per the abstract targets'
+        shardings (`sharding.abstract_with_shardings`); the data iterator is set to where it
+        was."""
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params_target),
             opt_state=ocp.args.StandardRestore(opt_target),
             meta=ocp.args.JsonRestore(),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
         ))
-        return out.params, out.opt_state, out.meta
+        return out.params, out.opt_state, Bookkeeping.from_json(out.meta)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+class Preemption:
+    """Records SIGTERM; the loop checkpoints and stops at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process was told to stop (every process must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))
+
+    def restore(self) -> None:
+        """Puts back the SIGTERM handler there was before."""
+        signal.signal(signal.SIGTERM, self._previous)

@@ -66,7 +66,11 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         progress_bar=True,
     ))
     # slices: TPU slices of a multislice job; the data axis spans them (DCN).
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, slices=1))
+    # rules: (logical axis, mesh axes) pairs replacing the default logical-axis rules of those
+    # names (scale/sharding.py DEFAULT_RULES); () keeps them all. Mesh axes: "data", "fsdp",
+    # "tensor", a tuple of them, or None (not split). E.g. embeddings replicated:
+    # --config.mesh.rules="(('embed', None),)".
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, slices=1, rules=()))
     # auto: jax.distributed.initialize() when a cluster is detected (TPU pod, SLURM);
     # explicit: the three fields below; off: one process.
     c.distributed = ml_collections.ConfigDict(dict(
@@ -76,7 +80,7 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def sft_8b() -> ml_collections.ConfigDict:
-    """Stages 2-3 (DESIGN.md 2.3): the 8b model, everything trains, vision 2e-6, rest 1e-5,
+    """Stages 2-3 (docs/design.md §9.1): the 8b model, everything trains, vision 2e-6, rest 1e-5,
     global batch 256, bf16, gradient checkpointing, cosine with 3% warmup, one epoch."""
     c = base_config("8b")
     c.model.dtype = "bfloat16"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -27,7 +28,8 @@ def answer_span(example: Example, tokenizer: Tokenizer, answer: str) -> tuple[in
     return start, end
 
 
-def masked_answer_accuracy(model, config, tokenizer: Tokenizer, batch_size: int = 16) -> dict:
+def masked_answer_accuracy(model: nnx.Module, config: ml_collections.ConfigDict,
+                           tokenizer: Tokenizer, batch_size: int = 16) -> dict:
     """Accuracy overall and per question type on `config.data.eval_size` held-out samples."""
     source = SyntheticSource(config.data.eval_size, split="test", seed=config.data.seed)
     featurize = make_featurizer(config, tokenizer)

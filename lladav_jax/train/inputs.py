@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import grain
+import ml_collections
 import numpy as np
 
 from lladav_jax.data import pipeline
@@ -41,7 +43,7 @@ def _one_source(kind: str, spec, seed: int) -> Any:
                      "tfds or mixture")
 
 
-def make_source(data) -> Any:
+def make_source(data: ml_collections.ConfigDict) -> Any:
     """The random-access source the `data` settings name."""
     if data.source != "mixture":
         return _one_source(data.source, data, data.seed)
@@ -55,13 +57,14 @@ def make_source(data) -> Any:
                    names=[p.get("name") or p.get("path") or p["source"] for p in parts])
 
 
-def make_featurizer(config, tokenizer: Tokenizer) -> Featurizer:
+def make_featurizer(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Featurizer:
     d = config.data
     return Featurizer(config.model, tokenizer, template=d.template, seq_len=d.seq_len,
                       system=d.system_prompt, overlong=d.overlong)
 
 
-def make_batches(config, tokenizer: Tokenizer, rows: Sequence[int] | None = None):
+def make_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                 rows: Sequence[int] | None = None) -> tuple[grain.IterDataset, int]:
     """(batch iterator, source length).
 
     Every process reads the same global stream of `data.batch_size`-row batches and keeps

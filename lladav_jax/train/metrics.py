@@ -10,10 +10,7 @@ import time
 import jax
 import numpy as np
 
-# Peak dense bf16 TFLOP/s per chip, by device kind substring.
-PEAK_TFLOPS = {"v6": 918.0, "v5p": 459.0, "v5 lite": 197.0, "v5e": 197.0, "v4": 275.0,
-               "h200": 989.0, "h100": 989.0, "a100": 312.0}  # fmt: skip
-
+from lladav_jax.scale import topology
 
 
 def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
@@ -28,12 +25,13 @@ def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
 
 
 def peak_flops_per_device(configured_tflops: float = 0.0) -> float:
+    """A device's peak FLOP/s for MFU: `configured_tflops` if set; else the datasheet dense
+    bf16 peak of the chip jax.devices()[0] is (`topology.CHIPS`); else measured (the CPU)."""
     if configured_tflops > 0:
         return configured_tflops * 1e12
-    kind = jax.devices()[0].device_kind.lower()
-    for name, tflops in PEAK_TFLOPS.items():
-        if name in kind:
-            return tflops * 1e12
+    chip = topology.chip_for_device_kind(jax.devices()[0].device_kind)
+    if chip is not None:
+        return chip.peak_tflops * 1e12
     return measure_peak_flops()
 
 
@@ -53,12 +51,9 @@ class MetricsWriter:
         if self.path.exists():
             rows = [r for r in self.rows() if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        try:
-            from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
-        except ImportError:  # optional: metrics.jsonl is the record
-            self.tb = None
+        self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
     def rows(self) -> list[dict]:
         if not self.path.exists():

@@ -7,9 +7,10 @@ A part with learning rate 0 is frozen: it is not differentiated and has no optim
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
+import ml_collections
 import optax
 
 PARTS = ("vision", "connector", "llm")
@@ -21,7 +22,7 @@ def part_of(path: tuple) -> str:
     return "connector" if top == "image_newline" else top
 
 
-def trainable_filter(lrs) -> Callable[[tuple, object], bool]:
+def trainable_filter(lrs: Mapping[str, float]) -> Callable[[tuple, object], bool]:
     """An nnx filter: parameters of the parts with a learning rate above 0."""
     live = {p for p in PARTS if float(lrs.get(p, 0.0)) > 0}
     return lambda path, _value: part_of(path) in live
@@ -36,7 +37,8 @@ def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedu
     )
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, dict]:
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, dict]:
     """optim: `lr` (part -> rate), `warmup_ratio`, `clip_norm`, `b1`, `b2`, `eps`,
     `weight_decay`. Returns the transformation (over trainable parameters, labelled by part)
     and each live part's schedule (for logging)."""

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lladav_jax.data.pipeline import collate
 from lladav_jax.models import lladav
@@ -22,27 +23,30 @@ from lladav_jax.train import optim
 from lladav_jax.train.step import TrainState, make_train_step, split_accum
 
 
-def batch_sharding(mesh, ndim: int) -> NamedSharding:
-    """[accum, micro, ...]: the micro-batch rows split over data and fsdp."""
-    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *([None] * (ndim - 2))))
+def batch_sharding(mesh: Mesh, ndim: int, rules: sharding.Rules) -> NamedSharding:
+    """[accum, micro, ...]: the micro-batch rows split over the mesh axes of the `batch` rule
+    (data and fsdp by default), as the activations are."""
+    return NamedSharding(mesh, PartitionSpec(None, dict(rules)["batch"], *([None] * (ndim - 2))))
 
 
-def local_rows(mesh, accum: int, batch_size: int) -> list[int] | None:
+def local_rows(mesh: Mesh, accum: int, batch_size: int,
+               rules: sharding.Rules) -> list[int] | None:
     """The rows of the global batch that this process's devices hold (None: all, one process),
     in the order `make_array_from_process_local_data` expects them."""
     if jax.process_count() == 1:
         return None
     micro = batch_size // accum
-    index = batch_sharding(mesh, 2).addressable_devices_indices_map((accum, micro))
+    index = batch_sharding(mesh, 2, rules).addressable_devices_indices_map((accum, micro))
     cols = sorted({j for idx in index.values() for j in range(*idx[1].indices(micro)[:2])})
     return [a * micro + j for a in range(accum) for j in cols]
 
 
-def global_batch(batch: dict, mesh, accum: int, batch_size: int) -> dict:
+def global_batch(batch: dict, mesh: Mesh, accum: int, batch_size: int,
+                 rules: sharding.Rules) -> dict:
     """This process's rows of the batch -> global arrays [accum, micro, ...]."""
     local = split_accum(batch, accum)
     return {k: jax.make_array_from_process_local_data(
-                batch_sharding(mesh, v.ndim), v, (accum, batch_size // accum, *v.shape[2:]))
+                batch_sharding(mesh, v.ndim, rules), v, (accum, batch_size // accum, *v.shape[2:]))
             for k, v in local.items()}
 
 
@@ -59,41 +63,48 @@ class ModelLayout:
     frozen: nnx.State  # the rest of `sharded`
     step_graphdef: nnx.GraphDef  # the graphdef of the (trainable, frozen) split
     opt_shardings: Any
+    rules: sharding.Rules  # the logical-axis rules that placed it (the run's mesh.rules)
 
 
-def check_batch(config, mesh) -> None:
+def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """A clear MeshError where the global batch does not split into `grad_accum` micro-batches
-    whose rows the batch axes (data x fsdp) divide."""
+    whose rows the batch axes (the `batch` rule: data x fsdp by default) divide."""
     d, accum = config.data, config.train.grad_accum
-    rows_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+    axes = dict(sharding.logical_rules(config.mesh.get("rules")))["batch"]
+    rows_axes = sharding.axes_size(mesh, axes)
+    names = " x ".join((axes,) if isinstance(axes, str) else axes or ("(none)",))
     if d.batch_size % accum or (d.batch_size // accum) % rows_axes:
         raise sharding.MeshError(
             f"data.batch_size {d.batch_size} / train.grad_accum {accum} = "
             f"{d.batch_size / accum:g} rows per micro-batch must be a multiple "
-            f"of data x fsdp = {rows_axes} (the rows are split over both)")
+            f"of {names} = {rows_axes} (the rows are split over the batch axes)")
 
 
-def model_layout(config, mesh, tx: optax.GradientTransformation) -> ModelLayout:
-    """Abstract parameters with their shardings, split into trained and frozen parts, and the
-    optimizer state's shardings. A MeshError names every parameter the mesh does not divide."""
+def model_layout(config: ml_collections.ConfigDict, mesh: Mesh,
+                 tx: optax.GradientTransformation) -> ModelLayout:
+    """Abstract parameters with their shardings (logical axes -> `mesh.rules` over the
+    defaults), split into trained and frozen parts, and the optimizer state's shardings.
+    A MeshError names every parameter the mesh does not divide, or a bad rule."""
     graphdef, state = nnx.split(lladav.abstract(config.model))
     trainable_filter = optim.trainable_filter(config.optim.lr)
-    sharded = sharding.abstract_with_shardings(state, sharding.state_shardings(state, mesh))
+    rules = sharding.logical_rules(config.mesh.get("rules"))
+    sharded = sharding.abstract_with_shardings(state,
+                                               sharding.state_shardings(state, mesh, rules))
     sharding.check_divisible(sharded)  # before jax's own error, deep inside a trace
     step_graphdef, trainable, frozen = nnx.split(nnx.merge(graphdef, sharded), trainable_filter,
                                                  ...)
     return ModelLayout(graphdef, state, sharded, trainable_filter, trainable, frozen,
-                       step_graphdef, opt_state_shardings(tx, trainable, mesh))
+                       step_graphdef, opt_state_shardings(tx, trainable, mesh), rules)
 
 
-def abstract_opt_state(tx: optax.GradientTransformation, layout: ModelLayout):
+def abstract_opt_state(tx: optax.GradientTransformation, layout: ModelLayout) -> Any:
     """The optimizer state as ShapeDtypeStructs with its shardings (a restore target)."""
     return sharding.abstract_with_shardings(jax.eval_shape(tx.init, layout.trainable),
                                             layout.opt_shardings)
 
 
 def abstract_train_state(tx: optax.GradientTransformation, layout: ModelLayout,
-                         mesh) -> TrainState:
+                         mesh: Mesh) -> TrainState:
     """The TrainState the loop passes to the step, as ShapeDtypeStructs with the shardings its
     arrays get (step count and rng replicated, as `replicated` makes them)."""
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -103,31 +114,35 @@ def abstract_train_state(tx: optax.GradientTransformation, layout: ModelLayout,
                       jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
 
 
-def abstract_batch(config, mesh, length: int | None = None) -> dict:
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh,
+                   length: int | None = None) -> dict:
     """The step's batch argument as ShapeDtypeStructs ([accum, micro, ...], sharded as
     `global_batch` shards it), for a batch padded to `length` (default data.seq_len).
     The shapes come from the pipeline's own collate of one empty row."""
     accum, batch_size = config.train.grad_accum, config.data.batch_size
+    rules = sharding.logical_rules(config.mesh.get("rules"))
     one = collate([], 1, length or config.data.seq_len, config.model, pad_id=0)
     return {k: jax.ShapeDtypeStruct((accum, batch_size // accum, *v.shape[1:]), v.dtype,
-                                    sharding=batch_sharding(mesh, v.ndim + 1))
+                                    sharding=batch_sharding(mesh, v.ndim + 1, rules))
             for k, v in one.items()}
 
 
-def jit_train_step(graphdef, tx: optax.GradientTransformation, mask_id: int, state_shardings):
+def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mask_id: int,
+                   state_shardings: TrainState) -> Callable:
     """The step as the loop runs it: the state donated and leaving with the shardings it came
     in with (one compilation, the same executable before and after a resume)."""
     return jax.jit(make_train_step(graphdef, tx, mask_id), donate_argnums=0,
                    out_shardings=(state_shardings, None))
 
 
-def replicated(mesh, value: np.ndarray) -> jax.Array:
+def replicated(mesh: Mesh, value: np.ndarray) -> jax.Array:
     """A host value (the same in every process) as an array replicated over the mesh."""
     return jax.make_array_from_callback(value.shape, NamedSharding(mesh, PartitionSpec()),
                                         lambda index: value[index])
 
 
-def opt_state_shardings(tx, trainable_abstract, mesh):
+def opt_state_shardings(tx: optax.GradientTransformation, trainable_abstract: nnx.State,
+                        mesh: Mesh) -> Any:
     """The optimizer state's shardings: Adam's moments as the parameters they mirror, the
     rest (step counts) replicated. `tx.init` alone would put it all on one device (its
     zeros do not depend on the parameters' values, so no sharding reaches them)."""

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lladav_jax.data.example import VISUAL_KEYS
 from lladav_jax.diffusion import objective
 
-MODEL_KEYS = ("tokens", "positions", "segment_ids", "pixels", "visual_pos", "visual_src",
-              "visual_w")  # fmt: skip
+MODEL_KEYS = ("tokens", "positions", "segment_ids", *VISUAL_KEYS)  # what `LLaDAV.__call__` takes
 
 
 @jax.tree_util.register_dataclass
@@ -31,7 +31,8 @@ class TrainState:
     rng: jax.Array
 
 
-def micro_loss(graphdef, trainable, frozen, batch: dict, rng: jax.Array, mask_id: int):
+def micro_loss(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, batch: dict,
+               rng: jax.Array, mask_id: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(loss sum, sample count, masked-token count) of one micro-batch."""
     model = nnx.merge(graphdef, trainable, frozen)
     noisy, masked, p_mask = objective.forward_mask(
@@ -45,7 +46,8 @@ def micro_loss(graphdef, trainable, frozen, batch: dict, rng: jax.Array, mask_id
     return total, (count, jnp.sum(masked))
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, mask_id: int) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    mask_id: int) -> Callable:
     """step(state, frozen, batch) -> (state, metrics); batch arrays are [accum, micro, ...]."""
 
     def step(state: TrainState, frozen: nnx.State, batch: dict):

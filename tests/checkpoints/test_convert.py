@@ -21,11 +21,12 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 from safetensors import safe_open
 
-from lladav_jax.checkpoints import hf_convert, modeldir, safetensors_io, torch_reference
+from lladav_jax.checkpoints import hf_convert, modeldir, safetensors_io
 from lladav_jax.checkpoints import torch_reference as ref
+from lladav_jax.cli import convert as convert_cli
 from lladav_jax.data.image import process_image
 from lladav_jax.data.layout import collate_visual
-from lladav_jax.models import hf_params, lladav, variants
+from lladav_jax.models import hf_config, hf_params, lladav, variants
 from lladav_jax.scale import sharding
 from tests.close import assert_close
 
@@ -40,8 +41,7 @@ def official_tensors(seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     """Random tensors under every official key (norm weights around 1), post_layernorm as the
     identity (what our exporter writes)."""
     rng = np.random.default_rng(seed)
-    shapes = hf_params.expected_hf_shapes(ENTRIES, nnx.to_pure_dict(
-        nnx.state(lladav.abstract(CFG), nnx.Param)))
+    shapes = hf_params.expected_hf_shapes(ENTRIES, lladav.abstract_params(CFG))
     out = {k: ((1.0 if "norm" in k and k.endswith("weight") else 0.0)
                + 0.2 * rng.standard_normal(s)).astype(dtype) for k, s in shapes.items()}
     out.update({k: np.full(CFG.vision.hidden_size, v, dtype) for k, v in POST_LN.items()})
@@ -86,7 +86,7 @@ def no_leftovers(parent: pathlib.Path, name: str) -> bool:
 @pytest.fixture(scope="module")
 def fp32_dir(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("src") / "official"
-    write_dir(path, official_tensors(), hf_convert.config_to_hf(CFG, "float32"))
+    write_dir(path, official_tensors(), hf_config.config_to_hf(CFG, "float32"))
     return path
 
 
@@ -99,7 +99,7 @@ SHARD = 60_000  # bytes: several shards even for the tiny model
 def test_round_trip_is_bit_identical(tmp_path, stored, param_dtype):
     dtype = np.dtype(ml_dtypes.bfloat16) if stored == "bfloat16" else np.dtype(np.float32)
     src = tmp_path / "official"
-    write_dir(src, official_tensors(1, dtype), hf_convert.config_to_hf(CFG, stored))
+    write_dir(src, official_tensors(1, dtype), hf_config.config_to_hf(CFG, stored))
     hf_convert.import_hf(src, tmp_path / "ours", param_dtype=param_dtype, block_bytes=2048)
     assert modeldir.load_config(tmp_path / "ours").param_dtype == param_dtype
     hf_convert.export_hf(tmp_path / "ours", tmp_path / "back", dtype=stored, shard_bytes=SHARD,
@@ -125,17 +125,17 @@ def test_round_trip_is_bit_identical(tmp_path, stored, param_dtype):
 def test_config_maps_both_ways():
     for name in ("tiny", "8b"):
         cfg = variants.model_config(name)
-        back = hf_convert.config_from_hf(json.loads(json.dumps(hf_convert.config_to_hf(cfg))))
+        back = hf_config.config_from_hf(json.loads(json.dumps(hf_config.config_to_hf(cfg))))
         for part in ("text", "vision", "image"):
             assert back[part].to_dict() == cfg[part].to_dict(), (name, part)
     # The official LLM config (no vision_config): LM fields read, so400m vision defaults.
     official = json.loads((REPO / "tests/fixtures/llada_8b_llm.config.json").read_text())
-    cfg = hf_convert.config_from_hf({**official, "model_type": "llava_llada",
+    cfg = hf_config.config_from_hf({**official, "model_type": "llava_llada",
                                   "mm_vision_select_layer": -2})
     assert cfg.text.to_dict() == variants.model_config("8b").text.to_dict()
     assert cfg.vision.to_dict() == variants.model_config("8b").vision.to_dict()
-    with pytest.raises(hf_convert.ConversionError, match="mm_projector_type 'linear'"):
-        hf_convert.config_from_hf({**official, "mm_projector_type": "linear"})
+    with pytest.raises(hf_config.ConversionError, match="mm_projector_type 'linear'"):
+        hf_config.config_from_hf({**official, "mm_projector_type": "linear"})
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_exported_logits_match_llava_onevision(exported):
     # From the exported config.json alone; the loader fails unless every tensor finds its place
     # and only what LLaDA-V never runs (the vision layer after `select_layer`, the pooling head)
     # is absent.
-    hf, hf_cfg = torch_reference.load(exported / "hf")
+    hf, hf_cfg = ref.load(exported / "hf")
     ours, cfg = modeldir.load_model(exported / "ours")
     assert hf_cfg.text.to_dict() == cfg.text.to_dict()
 
@@ -238,11 +238,12 @@ def llm_and_vision_dirs(root: pathlib.Path, tensors: dict) -> None:
     write_dir(root / "siglip_vision", kept, {"model_type": "siglip_vision_model", **siglip})
 
 
+@pytest.mark.slow
 def test_llm_names_and_vision_layouts_import_identically(tmp_path, fp32_dir):
     tensors = official_tensors()
     llm_and_vision_dirs(tmp_path, tensors)
     hf_convert.import_parts(tmp_path / "llm_port", tmp_path / "siglip_full", tmp_path / "a", seed=3)
-    assert hf_convert.main(["import-hf", "--llm", str(tmp_path / "llm_olmo"), "--vision",
+    assert convert_cli.main(["import-hf", "--llm", str(tmp_path / "llm_olmo"), "--vision",
                          str(tmp_path / "siglip_vision"), "--out", str(tmp_path / "b"),
                          "--seed", "3"]) == 0
     a, b = modeldir.load_params(tmp_path / "a"), modeldir.load_params(tmp_path / "b")
@@ -273,7 +274,7 @@ def test_llm_names_and_vision_layouts_import_identically(tmp_path, fp32_dir):
 
 
 def test_bad_directories_fail_by_name_and_write_nothing(tmp_path):
-    config = hf_convert.config_to_hf(CFG, "float32")
+    config = hf_config.config_to_hf(CFG, "float32")
     out = tmp_path / "out"
 
     def fails(name, tensors, match, cfg=config, exc=ValueError):
@@ -325,17 +326,17 @@ def test_command_line(tmp_path, fp32_dir, capsys):
         [sys.executable, "-m", "lladav_jax.cli.convert", "import-hf", "--hf_dir", str(fp32_dir),
          "--out", str(tmp_path / "ours")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert hf_convert.main(["export-hf", "--ckpt", str(tmp_path / "ours"), "--out",
+    assert convert_cli.main(["export-hf", "--ckpt", str(tmp_path / "ours"), "--out",
                          str(tmp_path / "hf"), "--dtype", "float32"]) == 0
     want, got = read_reference(fp32_dir), read_reference(tmp_path / "hf")
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
     capsys.readouterr()
-    assert hf_convert.main(["export-hf", "--ckpt", str(tmp_path / "nope"), "--out",
+    assert convert_cli.main(["export-hf", "--ckpt", str(tmp_path / "nope"), "--out",
                          str(tmp_path / "x")]) == 1
     assert "nope is not a model directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        hf_convert.main(["import-hf", "--hf_dir", str(fp32_dir), "--llm", "x", "--out", "y"])
+        convert_cli.main(["import-hf", "--hf_dir", str(fp32_dir), "--llm", "x", "--out", "y"])
 
 
 def test_safetensors_io_matches_the_reference_library(tmp_path):

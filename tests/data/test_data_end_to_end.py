@@ -62,6 +62,7 @@ def total_skips(batches) -> collections.Counter:
     return out
 
 
+@pytest.mark.slow
 def test_restore_mid_run_with_workers_gives_the_uninterrupted_batches():
     # max_tiles 25 makes ~1 in 8 synthetic samples too_many_visual: skips ride along.
     cfg = tiny(max_tiles=25)

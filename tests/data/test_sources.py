@@ -202,6 +202,7 @@ def test_permute_index_is_a_bijection():
     ]
 
 
+@pytest.mark.slow
 def test_mixture_deterministic_and_weighted():
     sources = [ListSource("a", 1000), ListSource("b", 50), ListSource("c", 7000)]
     weights = [0.5, 0.3, 0.2]

@@ -1,4 +1,4 @@
-"""Tokenizer and chat templates: the exact layout and target mask of DESIGN.md 2.1."""
+"""Tokenizer and chat templates: the exact layout and target mask of docs/design.md §3.1."""
 
 import hashlib
 import json
@@ -49,7 +49,7 @@ def system_part(tok, system=DEFAULT_SYSTEM_PROMPT):
 
 
 def test_two_turn_conversation_layout(tok):
-    """The hand-written layout of DESIGN.md 2.1, token by token, with its target mask."""
+    """The hand-written layout of docs/design.md §3.1, token by token, with its target mask."""
     turns = [
         {"from": "human", "value": "<image>\nWhat color is the shape?"},
         {"from": "gpt", "value": "red"},
@@ -280,6 +280,7 @@ def test_demo_tokenizer_specials_and_vocab():
         "start_header": tok.start_header_id, "end_header": tok.end_header_id, "eot": tok.eot_id,
     }  # fmt: skip
     assert len(set(ids.values())) == 6
+    assert dict(tok.special_ids) == ids and set(ids) == set(SPECIAL_TOKENS)
     for name, i in ids.items():
         assert tok.token_to_id(SPECIAL_TOKENS[name]) == i
         assert tok.decode([i]) == SPECIAL_TOKENS[name]

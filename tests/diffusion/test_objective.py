@@ -1,4 +1,4 @@
-"""The masked-diffusion objective, against a plain reading of DESIGN.md 2.2."""
+"""The masked-diffusion objective, against a plain reading of docs/design.md §4.1."""
 
 import jax
 import jax.numpy as jnp

@@ -1,9 +1,9 @@
-"""The LLaDA sampler (DESIGN.md 3.1, 3.2) against a plain PyTorch reference, and its parts.
+"""The LLaDA sampler (docs/design.md §5.1-5.3) against a plain PyTorch reference, and its parts.
 
-The reference (lladav_jax/torch_reference.py) runs transformers' LLaVA-OneVision set up as
-LLaDA-V with the same random weights as our model; at temperature 0 with `low_confidence` and no
-cache the generated ids must be equal. Prompts come from the chat template with images (and one
-without), left-padded to a batch.
+The reference (lladav_jax/checkpoints/torch_reference.py) runs transformers' LLaVA-OneVision set
+up as LLaDA-V with the same random weights as our model; at temperature 0 with `low_confidence`
+and no cache the generated ids must be equal. Prompts come from the chat template with images
+(and one without), left-padded to a batch.
 """
 
 from __future__ import annotations
@@ -201,6 +201,7 @@ FAST = dict(gen_length=24, block_length=8, steps=12, cache="dual", threshold=0.9
     ("eot", dict(gen_length=20, block_length=10, steps=8)),
     ("sharp", FAST),
 ])
+@pytest.mark.slow
 def test_batch_equals_each_prompt_alone(world, model, options):
     """Each row of the batch decodes as it does alone: in a batch of one with as much left
     padding, and (the shortest prompt) with no padding at all."""
@@ -296,6 +297,7 @@ def test_cached_pass_equals_full_pass(world):
 # --- Caches and parallel decoding -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_step_per_block_every_cache_is_exact(world):
     """A block's first step is a full pass in every mode: with one step per block the caches
     are never stale and every mode gives the uncached result."""
@@ -307,6 +309,7 @@ def test_one_step_per_block_every_cache_is_exact(world):
         np.testing.assert_array_equal(got["committed_at"], none["committed_at"])
 
 
+@pytest.mark.slow
 def test_cache_modes_and_threshold(world):
     """Every mode decodes validly; the first step of the first block (a full pass over the
     same sequence) commits the same tokens in every mode; later steps may differ (prefix and
@@ -333,6 +336,7 @@ def test_cache_modes_and_threshold(world):
 # --- Sampling options, the commit record, streaming ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_random_remasking_and_temperature(world):
     ids, vocab = world["ids"], world["cfg"].text.vocab_size
     options = dict(gen_length=16, block_length=16, steps=16)  # as the first reference case

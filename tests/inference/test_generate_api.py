@@ -2,9 +2,11 @@
 the denoising-order picture, on a tiny random model (answers are gibberish; shapes, batching,
 plumbing and scoring are what is checked)."""
 
+import dataclasses
 import io
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -12,16 +14,20 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from lladav_jax.checkpoints import modeldir
+from lladav_jax.cli import eval as eval_cli
 from lladav_jax.cli import generate
 from lladav_jax.data import synthetic
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT
+from lladav_jax.diffusion.sampler import SamplerOptions
 from lladav_jax.inference import api, scoring
 from lladav_jax.inference.visualize import denoising_order_png
 from lladav_jax.models import lladav, variants
+from lladav_jax.scale import sharding
 
 # Two blocks of 4, two steps each: small programs, still more than one block.
 FAST = dict(gen_length=8, block_length=4, steps=4)
@@ -68,6 +74,7 @@ def test_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_load_from_workdir_and_step_dir(dirs, model):
     want = _params(model)
     for path in (dirs["work"], dirs["work"] / modeldir.CHECKPOINTS_DIR / "7"):
@@ -102,6 +109,28 @@ def test_system_prompt_is_the_trained_one(dirs, model, tmp_path):
     assert len(a) != len(b)
 
 
+def test_load_on_a_mesh_places_by_the_runs_rules(dirs, tmp_path):
+    """With a mesh, the parameters are placed by the training run's mesh.rules (its
+    train_config.json), or by the rules given."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    spec = lambda m: m.module.llm.embed.embedding[...].sharding.spec
+    assert spec(api.load(dirs["work"], mesh)) == P("tensor", "fsdp")  # no train_config.json
+    work = shutil.copytree(dirs["work"], tmp_path / "work")
+    config = {"mesh": {"data": 2, "fsdp": 2, "tensor": 2, "rules": [["embed", None]]}}
+    (work / modeldir.TRAIN_CONFIG_FILE).write_text(json.dumps(config))
+    assert spec(api.load(work, mesh)) == P("tensor", None)
+    assert spec(api.load(work, mesh, rules=sharding.DEFAULT_RULES)) == P("tensor", "fsdp")
+
+
+def test_sampler_defaults_are_the_sampler_options(model):
+    """One definition: the CLI's defaults and Model.generate's options are SamplerOptions'."""
+    args = generate._parser().parse_args(["--ckpt", "d", "--prompt", "p"])
+    assert generate.sampler_options(args) == dataclasses.asdict(SamplerOptions())
+    assert SamplerOptions(**generate.sampler_options(args)) == SamplerOptions()
+    with pytest.raises(TypeError, match=r"\['gen_len'\]; the sampler's options are \['gen_len"):
+        model.generate(None, "Hi?", gen_len=8)
+
+
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_generate_each_cache(model, cache, tmp_path):
     blocks = []
@@ -124,6 +153,7 @@ def test_generate_each_cache(model, cache, tmp_path):
         assert text == g.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["none", "dual"])
 def test_batch_equals_single(model, cache):
     # Rows 0 and 2 pad to the same length alone as in the batch (their sampler is compiled
@@ -141,6 +171,7 @@ def test_batch_equals_single(model, cache):
         np.testing.assert_array_equal(one.committed_at, b.committed_at)
 
 
+@pytest.mark.slow
 def test_generate_cli(dirs, capsys, tmp_path):
     image = tmp_path / "img.png"
     image.write_bytes(_png(0))
@@ -177,7 +208,7 @@ def test_eval_cli(dirs, capsys, tmp_path):
     out = tmp_path / "out" / "pred.jsonl"
     argv = ["--ckpt", str(dirs["model"]), "--data", str(data), "--out", str(out),
             "--batch_size", "3", "--gen_length", "4", "--block_length", "4", "--steps", "2"]
-    assert scoring.main(argv) == 0
+    assert eval_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("accuracy: ")
     preds = [json.loads(line) for line in out.read_text().splitlines()]
@@ -254,7 +285,7 @@ def test_order_png(tmp_path):
 
 
 def test_flags_override_preset():
-    args = scoring._parser().parse_args(
+    args = eval_cli._parser().parse_args(
         ["--ckpt", "d", "--data", "x", "--out", "y", "--preset", "docvqa", "--steps", "8"])
     preset = {k: v for k, v in scoring.PRESETS[args.preset].items() if k != "metric"}
     options = generate.sampler_options(args, preset)

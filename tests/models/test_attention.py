@@ -192,6 +192,7 @@ def tiny_cfg(impl: str):
     return cfg
 
 
+@pytest.mark.slow
 def test_tiny_model_same_logits_with_splash(interpret, warnings):
     """head_dim 16 (text) and 16 (vision): below a TPU lane, fine for the kernel's interpret
     mode; L=40 and 16 patches are padded to one 128 block."""

@@ -16,6 +16,7 @@ def params(model) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+@pytest.mark.slow
 def test_round_trip_is_exact_and_copies():
     a, b = lladav.create(CFG, seed=1), lladav.create(CFG, seed=2)
     sd = {k: np.array(v) for k, v in hf_params.export_hf(a, ENTRIES).items()}  # writable
@@ -27,6 +28,7 @@ def test_round_trip_is_exact_and_copies():
     assert np.abs(np.asarray(b.image_newline[...])).max() > 0
 
 
+@pytest.mark.slow
 def test_bf16_tensors_load_into_float32_params():
     model = lladav.create(CFG)
     sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf_params.export_hf(model, ENTRIES).items()}
@@ -37,6 +39,7 @@ def test_bf16_tensors_load_into_float32_params():
     np.testing.assert_array_equal(np.asarray(q[1]), want)
 
 
+@pytest.mark.slow
 def test_stored_extras_are_ignored():
     """A release holds the 27th vision layer, post_layernorm and the pooling head: not errors."""
     model = lladav.create(CFG)
@@ -49,6 +52,7 @@ def test_stored_extras_are_ignored():
     hf_params.load_hf(model, {**sd, **extra}, ENTRIES, CFG)
 
 
+@pytest.mark.slow
 def test_errors_name_every_offending_key():
     model = lladav.create(CFG)
     sd = hf_params.export_hf(model, ENTRIES)

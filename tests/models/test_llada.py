@@ -61,6 +61,7 @@ def test_padding_is_masked():
                                got[valid > 0], atol=tol, rtol=0)
 
 
+@pytest.mark.slow
 def test_attention_is_bidirectional_and_segments_are_apart():
     cfg = tiny_cfg()
     ours = LLaDA(cfg, rngs=nnx.Rngs(0))
@@ -80,6 +81,7 @@ def test_attention_is_bidirectional_and_segments_are_apart():
     np.testing.assert_allclose(got[:, 9:], np.asarray(ours(b)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_and_bf16_compute(policy):
     cfg = tiny_cfg()

