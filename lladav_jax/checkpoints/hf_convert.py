@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 from tqdm import tqdm
@@ -102,7 +103,7 @@ def import_hf(
                    block_bytes=block_bytes, progress=progress)
 
 
-def fresh_connector(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+def fresh_connector(cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
     """The connector and image_newline (official keys, HF layout) exactly as
     `lladav.create(cfg, seed=seed)` initialises them. Only they leave the jit, so XLA drops
     the rest of the model's initialisation: this costs the connector's memory, not the 8B."""

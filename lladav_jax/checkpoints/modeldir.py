@@ -189,7 +189,7 @@ def _stored_metadata(params_dir: pathlib.Path) -> dict[tuple[str, ...], object]:
         return traverse_util.flatten_dict(ckptr.metadata(params_dir).item_metadata.tree)
 
 
-def check_params(path: str | os.PathLike, cfg) -> None:
+def check_params(path: str | os.PathLike, cfg: ml_collections.ConfigDict) -> None:
     """One error naming every parameter missing, unexpected or mis-shaped against the config."""
     params_dir = resolve(path).params
     stored = _stored_metadata(params_dir)

@@ -124,7 +124,8 @@ def state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, np.ndarray
     return {prefix + k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def official_from_onevision(model: torch.nn.Module, cfg) -> dict[str, np.ndarray]:
+def official_from_onevision(model: torch.nn.Module,
+                            cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """A LlavaOnevision state dict renamed to the official LLaDA-V keys (ours only)."""
     sd = state_dict(model)
     keys = [k for e in hf_params.lladav_entries(cfg) for k in e.hf_keys()]

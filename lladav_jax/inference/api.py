@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -29,6 +30,7 @@ from lladav_jax.data.layout import collate_visual
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, encode_prompt
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds, compiled_generate
+from lladav_jax.models.lladav import LLaDAV
 from lladav_jax.scale import sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this (fewer recompiles)
@@ -85,7 +87,7 @@ class Model:
     Not thread-safe: one generation at a time (the streaming callback is per call).
     """
 
-    def __init__(self, module, config, tokenizer: Tokenizer,
+    def __init__(self, module: LLaDAV, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT):
         self.module, self.config, self.tokenizer = module, config, tokenizer
         # The system prompt every call uses unless it names one: the one the model was

@@ -171,7 +171,7 @@ ModelConfigLike = ModelConfig | ml_collections.ConfigDict | Mapping[str, Any]
 _T = TypeVar("_T")
 
 
-def _as_dict(cfg) -> dict:
+def _as_dict(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
     if isinstance(cfg, ml_collections.ConfigDict):
         return cfg.to_dict()
     if isinstance(cfg, Mapping):

@@ -25,9 +25,15 @@ import math
 import os
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lladav_jax.scale import topology as topo
+
+if TYPE_CHECKING:  # JAX is imported inside the functions (see below)
+    import ml_collections
+    from jax.sharding import Mesh
+
+    from lladav_jax.data.tokenizer import Tokenizer
 
 GIB = 1024**3
 # JAX and the model are imported inside the functions: the CLI sets the device count first,
@@ -90,7 +96,7 @@ def _global_bytes(tree) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _mask_id(config) -> tuple[int, str | None]:
+def _mask_id(config: ml_collections.ConfigDict) -> tuple[int, str | None]:
     """The tokenizer's mask id (a constant in the program; memory and FLOPs do not depend on
     it). An unreadable tokenizer path falls back to the demo tokenizer, with a note."""
     from lladav_jax.train.inputs import load_tokenizer
@@ -103,7 +109,7 @@ def _mask_id(config) -> tuple[int, str | None]:
         return load_tokenizer("").mask_id, note
 
 
-def lower_train_step(config, mesh, mask_id: int = 0):
+def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh, mask_id: int = 0):
     """(lowered step, layout, abstract state, abstract batch): the trainer's step traced and
     lowered from ShapeDtypeStructs on `mesh` (nothing is allocated)."""
     import jax
@@ -147,7 +153,8 @@ def _flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _compile_sampler(config, mesh, spec: SamplerSpec, tokenizer) -> dict:
+def _compile_sampler(config: ml_collections.ConfigDict, mesh: Mesh, spec: SamplerSpec,
+                     tokenizer: Tokenizer) -> dict:
     """The sampler's program (`sampler.jit_generate`, as `compiled_generate` runs it),
     parameters sharded as `lv.load(DIR, mesh)` places them, the prompt replicated."""
     import jax
@@ -185,8 +192,9 @@ def _compile_sampler(config, mesh, spec: SamplerSpec, tokenizer) -> dict:
             "parameters_per_device": per_device_bytes(state)}
 
 
-def plan(config, target: topo.Topology, devices: int | None = None, *, mfu: float = 0.45,
-         hbm_margin: float = 0.1, sampler_spec: SamplerSpec | None = None) -> dict[str, Any]:
+def plan(config: ml_collections.ConfigDict, target: topo.Topology, devices: int | None = None,
+         *, mfu: float = 0.45, hbm_margin: float = 0.1,
+         sampler_spec: SamplerSpec | None = None) -> dict[str, Any]:
     """Compiles the train step (and optionally the sampler) for `devices` of this process's
     devices (default: the topology's chips x mesh.slices) and returns the figures."""
     import jax
