@@ -53,7 +53,7 @@ from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, encode_prompt
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.diffusion.sampler import SamplerOptions
 from lladav_jax.models import hf_config, hf_params
-from lladav_jax.models.siglip import num_kept_layers
+from lladav_jax.models.config import vision_config
 
 # (pixel_values [N, T, 3, S, S], image_sizes [N, 2] (height, width), is_image [B, P]): the N
 # images of a batch in row order and their placeholder positions (whose ids do not matter).
@@ -159,7 +159,7 @@ def load(
     result = model.load_state_dict(state, strict=False)
     unused = ("model.vision_tower.head.", *(
         f"model.vision_tower.encoder.layers.{i}."
-        for i in range(num_kept_layers(cfg.vision), cfg.vision.num_layers)))
+        for i in range(vision_config(cfg.vision).kept_layers, cfg.vision.num_layers)))
     missing = [k for k in result.missing_keys if not k.startswith(unused)]
     if result.unexpected_keys or missing:
         raise ValueError(f"{hf_dir} does not fit LLaVA-OneVision: unexpected "

@@ -8,19 +8,13 @@ before `post_layernorm`, so the last layer, the final norm and the pooling head 
 from __future__ import annotations
 
 import jax
-import ml_collections
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lladav_jax.models import layers
 from lladav_jax.models.attention import attention
-from lladav_jax.models.config import ModelConfig, ModelConfigLike, VisionConfig, vision_config
+from lladav_jax.models.config import ModelConfig, ModelConfigLike, VisionConfig
 from lladav_jax.models.layers import Numerics
-
-
-def num_kept_layers(vision: VisionConfig | ml_collections.ConfigDict) -> int:
-    """Encoder layers that run: `num_layers + select_layer + 1` (26 of 27 for select -2)."""
-    return vision_config(vision).kept_layers
 
 
 class EncoderLayer(nnx.Module):
@@ -99,4 +93,4 @@ class SigLIPVision(nnx.Module):
         return layers.run_layers(self.layers, x, self.remat_policy)
 
 
-__all__ = ["EncoderLayer", "SigLIPVision", "num_kept_layers"]
+__all__ = ["EncoderLayer", "SigLIPVision"]
