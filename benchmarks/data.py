@@ -2,7 +2,7 @@
 
     python benchmarks/data.py [--samples 256] [--workers 2] [--window 32] [--batch_size 4]
         [--seq_len 4096] [--variant small] [--max_scale 4] [--max_tiles N]
-        [--max_visual_tokens 4096] [--modes plain,grouped,packed]
+        [--max_visual_tokens 4096] [--modes plain,grouped,packed] [--hosts 16,32,64]
 
 Runs the real pipeline (`make_dataset`: shuffle -> windows -> `Featurizer` -> rows -> batches)
 on the built-in synthetic data set with the demo tokenizer and the chat template, for each
@@ -23,6 +23,15 @@ per sample from [1, max_scale] (nearest neighbour, re-encoded as PNG) to get gri
 records read from ArrayRecord: the timed work is decode -> AnyRes tiles -> tokens -> batches.
 `max_visual_tokens` is raised to `--max_visual_tokens` (the `small` default of 3200 would skip
 the largest images); samples that still do not fit are skipped and counted.
+
+`--hosts H1,H2,...` times one host of H instead: it reads and measures every sample, plans the
+global batches (`--batch_size` rows) and featurizes only its rows (the first batch_size / H);
+0 workers, the first mode. A fit of CPU seconds = m x samples + f x featurized over the runs
+gives the global samples/s one host (one core) keeps up with on v5p-64 and v6e-256, next to
+what the 8b stage-2 step consumes there (configs/stage2a.py, `lladav-plan`'s 45% MFU step
+time). E.g. `--variant 8b --max_visual_tokens 0 --seq_len 8192 --batch_size 256 --window 256
+--samples 2048 --modes grouped --hosts 8,32,128` (0: the variant's own limit; a window of one
+batch keeps the memory of 8 hosts' 32 rows of 37 float32 tiles at ~2 GB a window).
 """
 
 from __future__ import annotations
@@ -81,8 +90,9 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def run(raws, featurize, cfg, data, pad_id: int) -> dict:
-    """Iterates one epoch; returns timings, counts, padding and a digest of all batches."""
+def run(raws, featurize, cfg, data, pad_id: int, rows=None) -> dict:
+    """Iterates one epoch holding `rows` of each batch (None: all); returns timings, counts,
+    padding and a digest of all batches."""
     digest = hashlib.sha256()
     skips: collections.Counter = collections.Counter()
     segments, delivered, n_batches, first, warm = [], 0, 0, None, None
@@ -90,8 +100,7 @@ def run(raws, featurize, cfg, data, pad_id: int) -> dict:
     # start-up) to the end. Batches of a window arrive together; its skips ride on its first.
     warm_after = data.window * max(1, data.num_workers)
     cpu0, start = _cpu_seconds(), time.perf_counter()
-    ds = pipeline.make_dataset(raws, featurize, cfg, data, pad_id=pad_id,
-                               process_index=0, process_count=1)  # fmt: skip
+    ds = pipeline.make_dataset(raws, featurize, cfg, data, pad_id=pad_id, rows=rows)
     it = iter(ds)
     for batch in it:
         if first is None:
@@ -99,22 +108,25 @@ def run(raws, featurize, cfg, data, pad_id: int) -> dict:
         n_batches += 1
         delivered += int(batch["num_samples"])
         skips.update({r: int(n) for r, n in batch["skips"].items() if n})
+        skips.update({r: int(n) for r, n in batch["local_skips"].items() if n})
         if warm is None and delivered + sum(skips.values()) >= warm_after:
             warm = (time.perf_counter(), delivered)
         # A copy (small; with workers the batch lives in shared memory, freed when dropped).
         segments.append({"segment_ids": np.array(batch["segment_ids"])})
-        for key in sorted(k for k in batch if k != "skips"):
+        for key in sorted(k for k in batch if k not in ("skips", "local_skips")):
             # Pixels are ~95% of the bytes: hashing them all would cost as much as making
             # them, so the digest takes every 16th row and column of every tile.
             value = batch[key][..., ::16, ::16, :] if key == "pixels" else batch[key]
             digest.update(np.ascontiguousarray(value).tobytes())
     end = time.perf_counter()
+    featurized = it.featurized
     it.close()  # stops and joins the workers: their CPU time is then counted
     del it, ds, batch
     cpu = _cpu_seconds() - cpu0
     wall = end - start
     return dict(
         wall=wall, first=(first or end) - start, delivered=delivered, batches=n_batches,
+        featurized=featurized, cpu=cpu,
         rate=delivered / wall,
         steady=(delivered - warm[1]) / (end - warm[0]) if warm and end > warm[0] else float("nan"),
         cpu_ms=1e3 * cpu / max(delivered, 1),
@@ -123,12 +135,69 @@ def run(raws, featurize, cfg, data, pad_id: int) -> dict:
     )  # fmt: skip
 
 
+# Where the 8b stage-2 step times come from: `lladav-plan`'s estimate, analytic FLOPs of a
+# configs/stage2a.py step at 45% MFU; TPU v5p and v6e multi-host slices have 4 chips a host.
+TOPOLOGIES, PLAN_MFU, CHIPS_PER_HOST = ("v5p-64", "v6e-256"), 0.45, 4
+
+
+def stage2_needs() -> list[tuple[str, int, float, float]]:
+    """(topology, hosts, step s, global samples/s the step consumes) for configs/stage2a.py."""
+    from lladav_jax.models import flops
+    from lladav_jax.scale import topology
+    from lladav_jax.train.defaults import sft_8b
+
+    c = sft_8b()
+    d = c.data
+    step_flops = flops.flops_per_step(c.model, (d.batch_size, d.seq_len),
+                                      d.batch_size * int(c.model.image.max_tiles))
+    out = []
+    for name in TOPOLOGIES:
+        t = topology.parse(name)
+        step_s = step_flops / (PLAN_MFU * t.peak_flops * t.chips)
+        out.append((name, t.chips // CHIPS_PER_HOST, step_s, d.batch_size / step_s))
+    return out
+
+
+def per_host(args, hosts: list[int], mode: str, raws, featurize, cfg, pad_id: int) -> None:
+    """One host of H: it reads and measures every sample and featurizes its rows (the first
+    batch_size / H). CPU seconds = m x samples + f x featurized, fitted over the runs, gives
+    the global samples/s one host keeps up with on any number of hosts."""
+    if any(args.batch_size % h for h in hosts):
+        raise SystemExit(f"--batch_size {args.batch_size} does not split over {hosts} hosts")
+    # Untimed: the first pass warms Pillow's and the tokenizer's first-call costs.
+    run(raws[: args.window], featurize, cfg, settings(args, mode, 0), pad_id,
+        rows=list(range(args.batch_size // max(hosts))))
+    runs = []
+    for h in hosts:
+        r = run(raws, featurize, cfg, settings(args, mode, 0), pad_id,
+                rows=list(range(args.batch_size // h)))
+        runs.append(r)
+        print(f"  {h} hosts ({args.batch_size // h} rows each): {r['delivered']} samples planned "
+              f"and {r['featurized']} featurized in {r['wall']:.1f} s = "
+              f"{r['delivered'] / r['wall']:.1f} global samples/s, "
+              f"{r['featurized'] / r['wall']:.1f} featurized/s; {r['cpu']:.1f} CPU s; skipped "
+              f"{dict(r['skips']) or 'none'}; "
+              f"load average {os.getloadavg()[0]:.1f}",
+              flush=True)  # fmt: skip
+    a = np.array([[r["delivered"], r["featurized"]] for r in runs], float)
+    (m, f), *_ = np.linalg.lstsq(a, np.array([r["cpu"] for r in runs]), rcond=None)
+    print(f"\nCPU per sample: measure (every host, every sample) {1e3 * m:.2f} ms, featurize "
+          f"(its rows only) {1e3 * f:.1f} ms\n")
+    print("| topology | hosts | step s (plan, 45% MFU) | global samples/s needed | per host: "
+          "featurized/s needed | one host (1 core) keeps up with, global samples/s | headroom |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, step_s, need in stage2_needs():
+        can = 1 / (m + f / n)
+        print(f"| {name} | {n} | {step_s:.2f} | {need:.1f} | {need / n:.2f} | {can:.0f} | "
+              f"{can / need:.1f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=256, help="samples in the epoch timed")
     p.add_argument("--workers", type=int, default=2, help="Grain worker processes (vs 0)")
     p.add_argument("--window", type=int, default=32, help="samples grouped/packed together")
-    p.add_argument("--batch_size", type=int, default=4, help="rows per batch (per process)")
+    p.add_argument("--batch_size", type=int, default=4, help="rows per (global) batch")
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--variant", default="small", choices=variants.VARIANTS)
     p.add_argument("--max_scale", type=float, default=4.0, help="image upscale factor, max")
@@ -136,6 +205,8 @@ def main() -> None:
     p.add_argument("--max_visual_tokens", type=int, default=4096)
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hosts", default="", help="comma-separated host counts: time one host's "
+                   "share instead (0 workers, the first mode)")
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if unknown := set(modes) - set(MODES):
@@ -161,6 +232,10 @@ def main() -> None:
           f"{cfg.image.max_tiles}, max_visual_tokens {cfg.image.max_visual_tokens}; seq_len "
           f"{args.seq_len}, batch {args.batch_size}, window {args.window}")  # fmt: skip
 
+    if args.hosts:
+        per_host(args, [int(h) for h in args.hosts.split(",")], modes[0], raws, featurize, cfg,
+                 tokenizer.pad_id)
+        return
     results = {}
     for mode in modes:
         for workers in dict.fromkeys((0, args.workers)):  # 0 (the baseline), then N

@@ -24,12 +24,15 @@ def get_config():
     c.data.seq_len = 64
     c.data.batch_size = 32
     c.data.window = 512
-    c.data.num_workers = 1
+    # No worker process: Grain's read thread featurizes up to two windows ahead of the step in
+    # this process. On 2 cores a worker cost more than it gave (start-up, shared-memory copies;
+    # BENCHMARKS.md, "The demo's input").
+    c.data.num_workers = 0
     c.optim.lr = dict(vision=2e-3, connector=2e-3, llm=2e-3)
     # The 1/p_mask weight makes rare, very large gradients (an answer masked at small t); a
     # shorter second-moment memory (b2 0.95, not 0.999) lets Adam recover from them within
     # tens of steps. Held-out accuracy after 1,500 steps at lr 1e-3: 0.54 with 0.95, 0.25-0.39
-    # with 0.999. This config: 0.62 (chance 0.25); 0.77 with another data order.
+    # with 0.999. This config: 0.742 (chance 0.25), the same with 0 or 1 data workers.
     c.optim.b2 = 0.95
     c.train.log_every = 32
     c.train.checkpoint_every = 500

@@ -1,10 +1,10 @@
 """LLaDA-V stage 1 (alignment): LLaVA-Pretrain 558K, plain template, only the connector trains.
 
     lladav-convert import-hf --llm LLaDA-8B-Instruct --vision siglip2-so400m-patch14-384 \\
-        --out /mnt/gcs/lladav-init
-    lladav-train --config configs/stage1.py --workdir /mnt/gcs/stage1 \\
-        --config.init_from=/mnt/gcs/lladav-init \\
-        --config.tokenizer=/mnt/gcs/lladav-init/tokenizer.json \\
+        --out gs://BUCKET/lladav-init
+    lladav-train --config configs/stage1.py --workdir gs://BUCKET/runs/stage1 \\
+        --config.init_from=gs://BUCKET/lladav-init \\
+        --config.tokenizer=gs://BUCKET/lladav-init/tokenizer.json \\
         --config.data.path=blip_laion_cc_sbu_558k.json --config.data.image_folder=images/
 
 docs/design.md §9.1: AdamW (weight decay 0), cosine with 3% warmup, lr 1e-3, global batch 64,

@@ -1,7 +1,7 @@
 """LLaDA-V stage 2b (OneVision SFT): MAmmoTH-VL 2M multi-image/video, max length 16384.
 
-    lladav-train --config configs/stage2b.py --workdir /mnt/gcs/stage2b \\
-        --config.init_from=/mnt/gcs/stage2a --config.tokenizer=/mnt/gcs/stage2a \\
+    lladav-train --config configs/stage2b.py --workdir gs://BUCKET/runs/stage2b \\
+        --config.init_from=gs://BUCKET/runs/stage2a --config.tokenizer=gs://BUCKET/runs/stage2a \\
         --config.data.path='/mnt/gcs/mammoth_ov/*'
 """
 

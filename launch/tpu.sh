@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # lladav-train on a Cloud TPU VM slice, or on a queued resource of one or several slices.
 # Every worker gets the same code, environment and command (jax.distributed finds its peers
-# from the TPU metadata). The workdir is a GCS bucket mounted with gcsfuse at the same path on
-# every worker: the trainer writes it with local file APIs and Orbax's multi-host checkpoints
-# need one directory that all hosts see.
+# from the TPU metadata). The workdir is a bucket URL (gs://BUCKET/runs/stage2a), one place
+# that every host sees, as Orbax's multi-host checkpoints need: the trainer writes it directly.
+# gcsfuse, optional (setup --bucket), mounts the bucket for data that needs a file system
+# (ArrayRecord shards).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -18,7 +19,8 @@ usage: launch/tpu.sh COMMAND [flags] [-- lladav-train overrides]
 commands:
   create   create the slice: a TPU VM, or a queued resource (--queued, --slices N),
            waiting until it is ACTIVE
-  setup    on every worker: mount the bucket, copy or clone the code, install ".[tpu]"
+  setup    on every worker: copy or clone the code, install ".[tpu]", mount the bucket
+           with gcsfuse if --bucket is given
   train    start lladav-train on every worker in the background (rerun to resume)
   logs     follow the training log of worker 0 (--worker all: of every worker)
   stop     SIGTERM the training on every worker (it checkpoints, then exits)
@@ -41,11 +43,14 @@ flags:
   --source PATH|GIT_URL   the code: a local checkout, copied (default: this one), or a git
                           URL, cloned on every worker
   --ref REF               branch, tag or commit to check out (with a git URL)
-  --bucket BUCKET         GCS bucket that gcsfuse mounts on every worker (setup)
+  --bucket BUCKET         GCS bucket of the run: setup mounts it with gcsfuse on every worker
+                          (for data that needs a file system); train's default --workdir is
+                          gs://BUCKET/runs/CONFIG (CONFIG: the config file's name, no .py)
   --mount DIR             where the bucket is mounted (default /mnt/gcs)
   --python VERSION        Python of the workers' virtual environment (default 3.12)
   --config FILE           training config, relative to the repository (train)
-  --workdir DIR           training workdir, under --mount (train)
+  --workdir URL|DIR       training workdir: a bucket URL, gs://BUCKET/runs/NAME, or a
+                          directory under --mount (train)
   --env KEY=VALUE         more environment for lladav-train (repeatable)
   --worker W              logs: a worker index, or all (default 0)
   --dry-run               print every command, prefixed "+ ", and run nothing (or DRY_RUN=1)
@@ -124,12 +129,11 @@ if [[ $CMD == create || $CMD == all ]]; then
   fi
 fi
 
+BUCKET=${BUCKET#gs://}
+BUCKET=${BUCKET%/}
+[[ $BUCKET != */* ]] || die "--bucket takes a bucket name, not a path: '$BUCKET'"
 GIT_SOURCE=0
 if [[ $CMD == setup || $CMD == all ]]; then
-  require BUCKET --bucket
-  BUCKET=${BUCKET#gs://}
-  BUCKET=${BUCKET%/}
-  [[ $BUCKET != */* ]] || die "--bucket takes a bucket name, not a path: '$BUCKET'"
   if [[ $SOURCE =~ ^(https?|ssh|git)://|^[^/]+@[^/:]+:|\.git$ ]]; then
     GIT_SOURCE=1
   elif [[ -f $SOURCE/setup.py ]]; then
@@ -144,11 +148,15 @@ fi
 MOUNT=${MOUNT%/}
 if [[ $CMD == train || $CMD == all ]]; then
   require CONFIG --config
-  require WORKDIR --workdir
+  if [[ -z $WORKDIR && -n $BUCKET ]]; then
+    WORKDIR=gs://$BUCKET/runs/$(basename "$CONFIG" .py)
+  fi
+  [[ -n $WORKDIR ]] || die "--workdir is required for '$CMD' (or --bucket: gs://BUCKET/runs/CONFIG)"
+  WORKDIR=${WORKDIR%/}
   # A workdir elsewhere would be each host's own disk: checkpoints would be split across
   # hosts, and lost with the VM on preemption.
-  [[ $WORKDIR == "$MOUNT"/?* ]] ||
-    die "--workdir '$WORKDIR' must lie under the shared mount $MOUNT (e.g. $MOUNT/runs/stage2a)"
+  [[ $WORKDIR =~ ^gs://[^/]+/. || $WORKDIR == "$MOUNT"/?* ]] ||
+    die "--workdir '$WORKDIR' must be a bucket URL (gs://BUCKET/runs/stage2a) or lie under the shared mount $MOUNT"
 fi
 for kv in ${ENVS[@]+"${ENVS[@]}"}; do
   [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env takes KEY=VALUE, not '$kv'"
@@ -228,13 +236,15 @@ do_create() {
 
 do_setup() {
   local steps=("set -eo pipefail" "$NOT_RUNNING")
-  # gcsfuse comes from Google's apt repository, not Ubuntu's. Fresh VMs run unattended
-  # upgrades at boot: wait for the dpkg lock instead of failing.
-  local apt='sudo apt-get -o DPkg::Lock::Timeout=600 -q'
-  steps+=("if ! command -v gcsfuse >/dev/null; then curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null; echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null; $apt update; $apt install -y gcsfuse; fi")
-  # Mounted as the user (root could not enter it later). --rename-dir-limit: Orbax writes a
-  # checkpoint to a temporary directory and renames it.
-  steps+=("if ! mountpoint -q $MOUNT_Q; then sudo mkdir -p $MOUNT_Q; sudo chown \"\$(id -u):\$(id -g)\" $MOUNT_Q; gcsfuse --implicit-dirs --rename-dir-limit=200000 $(printf %q "$BUCKET") $MOUNT_Q; fi")
+  if [[ -n $BUCKET ]]; then
+    # gcsfuse comes from Google's apt repository, not Ubuntu's. Fresh VMs run unattended
+    # upgrades at boot: wait for the dpkg lock instead of failing.
+    local apt='sudo apt-get -o DPkg::Lock::Timeout=600 -q'
+    steps+=("if ! command -v gcsfuse >/dev/null; then curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null; echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null; $apt update; $apt install -y gcsfuse; fi")
+    # Mounted as the user (root could not enter it later). --rename-dir-limit: a workdir
+    # under the mount gets checkpoints that Orbax writes to a temporary directory and renames.
+    steps+=("if ! mountpoint -q $MOUNT_Q; then sudo mkdir -p $MOUNT_Q; sudo chown \"\$(id -u):\$(id -g)\" $MOUNT_Q; gcsfuse --implicit-dirs --rename-dir-limit=200000 $(printf %q "$BUCKET") $MOUNT_Q; fi")
+  fi
   if ((GIT_SOURCE)); then
     steps+=("rm -rf $R_CODE" "git clone -q $(printf %q "$SOURCE") $R_CODE")
     [[ -z $REF ]] || steps+=("git -C $R_CODE checkout -q $(printf %q "$REF")")
@@ -260,16 +270,22 @@ do_train() {
   ((SLICES == 1)) || args+=("--config.mesh.slices=$SLICES" "--config.mesh.data=$SLICES")
   args+=(${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
   # Unbuffered, so the log shows progress as it happens; the compilation cache sits in the
-  # bucket, so a resumed run (a new VM after preemption) skips recompiling.
+  # workdir's bucket (JAX writes gs:// itself), so a resumed run (a new VM after preemption)
+  # skips recompiling.
   # LLADAV_DISTRIBUTED: gcloud's TPU VMs do not set the variables jax.distributed's
   # auto-detection is keyed on here (those are GKE's); this tells the trainer to start it.
-  local env=(PYTHONUNBUFFERED=1 LLADAV_DISTRIBUTED=1 "JAX_COMPILATION_CACHE_DIR=$MOUNT/jax-cache")
+  local cache=$MOUNT/jax-cache
+  [[ $WORKDIR != gs://* ]] || cache=$(cut -d/ -f1-3 <<<"$WORKDIR")/jax-cache
+  local env=(PYTHONUNBUFFERED=1 LLADAV_DISTRIBUTED=1 "JAX_COMPILATION_CACHE_DIR=$cache")
   env+=(${ENVS[@]+"${ENVS[@]}"})
   local quoted_env quoted_args
   quoted_env=$(printf '%q ' "${env[@]}")
   quoted_args=$(printf ' %q' "${args[@]}")
   local steps=("set -eo pipefail" "$NOT_RUNNING")
-  steps+=("if ! mountpoint -q $MOUNT_Q; then echo \"$MOUNT_Q is not mounted on \$(hostname): run launch/tpu.sh setup\" >&2; exit 1; fi")
+  # The mount must be there when the command names a path under it (workdir, data, cache).
+  if [[ " ${env[*]} ${args[*]} " == *[=\ ]"$MOUNT"/* ]]; then
+    steps+=("if ! mountpoint -q $MOUNT_Q; then echo \"$MOUNT_Q is not mounted on \$(hostname): run launch/tpu.sh setup --bucket BUCKET\" >&2; exit 1; fi")
+  fi
   steps+=("cd $R_CODE")
   # nohup, all three streams redirected and `&`: ssh returns while the training goes on.
   steps+=("${quoted_env}nohup $R_VENV/bin/lladav-train$quoted_args >> $R_LOG 2>&1 < /dev/null & echo \$! > $R_PID")

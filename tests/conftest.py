@@ -1,6 +1,9 @@
-"""Test set-up: JAX on the CPU with 8 simulated devices (for the sharding tests)."""
+"""Test set-up: JAX on the CPU with 8 simulated devices (for the sharding tests); a GCS
+emulator for the tests of bucket workdirs (`gcs`)."""
 
 import os
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
@@ -11,9 +14,21 @@ if "xla_force_host_platform_device_count" not in flags:
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
     flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ["XLA_FLAGS"] = flags.strip()
+# Read once, when gcsfs is imported (whichever test imports it first): see tests/gcs_emulator.py.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: trains, converts or compiles at scale (minutes); "
         "`-m \"not slow\"` skips them, CI runs everything")
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator with an empty bucket (`tests.gcs_emulator.Emulator`), for the session;
+    its variables are in os.environ meanwhile, so subprocesses inherit them."""
+    from tests import gcs_emulator
+
+    with gcs_emulator.running() as emulator:
+        yield emulator

@@ -8,7 +8,7 @@ Keys and shapes are those of docs/design.md §6.1 (the table in `lladav_jax.mode
 directions stream: tensors are read and written a block of rows at a time, so peak memory is
 a few blocks, not the model. Everything is checked before anything is written (one error
 listing every offending key), and the output appears only when complete (temporary name,
-then rename). torch is not needed.
+then rename). torch is not needed. Every directory may be a bucket URL (gs://...).
 """
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pathlib
 import re
 from collections.abc import Mapping
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx, traverse_util
 from tqdm import tqdm
 
+from lladav_jax import paths
 from lladav_jax.checkpoints import modeldir, safetensors_io
 from lladav_jax.checkpoints.safetensors_io import PendingTensor
 from lladav_jax.models import hf_params, lladav, variants
@@ -44,7 +45,7 @@ FLOAT_DTYPES = ("float32", "bfloat16")
 IMPORTABLE = ("F32", "BF16", "F16", "F64")
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: epath.Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path} not found")
     try:
@@ -67,7 +68,7 @@ def _check_dtypes(tensors: Mapping, keys, stored_names: Mapping[str, str]) -> No
 def _import(
     tensors: Mapping, cfg, out, *, tokenizer_dir, stored_names: Mapping[str, str],
     block_bytes: int, progress: bool | None, unknown: Mapping[str, tuple] | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
     """Checks keys, shapes and dtypes, then writes the model directory one block at a time.
     `unknown`: stored names that map to no official key (reported with the rest)."""
     entries = hf_params.lladav_entries(cfg)
@@ -93,9 +94,9 @@ def _import(
 def import_hf(
     hf_dir: str | os.PathLike, out: str | os.PathLike, *, param_dtype: str = "float32",
     block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
     """An official LLaDA-V directory (config.json, safetensors, tokenizer) -> model directory."""
-    hf_dir = pathlib.Path(hf_dir)
+    hf_dir = paths.as_path(hf_dir)
     cfg = config_from_hf(_read_json(hf_dir / "config.json"))
     cfg.param_dtype = _float_dtype(param_dtype)
     tensors = safetensors_io.open_checkpoint(hf_dir)
@@ -117,7 +118,7 @@ def fresh_connector(cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[str, 
     return dict(hf_params.iter_to_hf(jax.jit(init)(), entries))
 
 
-def _renamed(directory: pathlib.Path, rename, skip=()) -> tuple[dict, dict, dict]:
+def _renamed(directory: epath.Path, rename, skip=()) -> tuple[dict, dict, dict]:
     """(official key -> tensor, official key -> stored name, unknown stored name -> shape)."""
     tensors, names, unknown = {}, {}, {}
     for key, t in safetensors_io.open_checkpoint(directory).items():
@@ -140,11 +141,11 @@ def import_parts(
     llm_dir: str | os.PathLike, vision_dir: str | os.PathLike, out: str | os.PathLike, *,
     seed: int = 0, param_dtype: str = "float32", block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
     """LLaDA-8B(-Instruct) (OLMo-style or HF-port names) + a SigLIP/SigLIP2 vision model ->
     a model directory with a fresh connector and image_newline: the start of stage 1.
     The vision checkpoint may hold any number of layers from the kept ones up (26 or 27)."""
-    llm_dir, vision_dir = pathlib.Path(llm_dir), pathlib.Path(vision_dir)
+    llm_dir, vision_dir = paths.as_path(llm_dir), paths.as_path(vision_dir)
     llm_json, vis_json = _read_json(llm_dir / "config.json"), _read_json(vision_dir / "config.json")
     cfg = variants.model_config("8b")
     cfg.name = "hf"
@@ -177,7 +178,7 @@ def export_hf(
     ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
     shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
     """A model directory -> the official layout: safetensors shards of ~shard_bytes with
     `model.safetensors.index.json`, `config.json` (llava_llada) and the tokenizer files."""
     out_dtype = safetensors_io.DTYPES[safetensors_io.dtype_code(_float_dtype(dtype))]
@@ -206,4 +207,4 @@ def export_hf(
         safetensors_io.write_sharded(tmp, tensors, shard_bytes, on_tensor=lambda _: bar.update())
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
         modeldir.copy_tokenizer(modeldir.resolve(ckpt).tokenizer_dir, tmp)
-    return pathlib.Path(out)
+    return paths.as_path(out)

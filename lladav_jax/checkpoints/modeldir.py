@@ -8,7 +8,8 @@
 A directory is written under a temporary name next to DIR and renamed when complete, so an
 interrupted write leaves no half model. Parameters may be `LazyParam`s, written one block at a
 time (a converter's peak memory is one block, not one stacked parameter). Restoring goes
-through abstract targets, so a model is restored directly sharded onto a mesh.
+through abstract targets, so a model is restored directly sharded onto a mesh. Every path may be
+a bucket URL (gs://..., `lladav_jax.paths`); there the rename copies the objects server-side.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import pathlib
-import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -27,8 +26,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 from flax import nnx, traverse_util
 
+from lladav_jax import paths
 from lladav_jax.checkpoints import orbax_streaming
 from lladav_jax.models import lladav
 from lladav_jax.scale import sharding
@@ -73,10 +74,10 @@ def lazy(array: np.ndarray) -> LazyParam:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[epath.Path]:
     """Yields a temporary directory next to `path`, renamed to `path` when the block succeeds
     and removed when it fails. Checks up front that `path` is free (unless `overwrite`)."""
-    path = pathlib.Path(path).absolute()
+    path = paths.as_path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; remove it or choose another output")
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -88,21 +89,22 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[pat
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)
             tmp.rename(path)
-            shutil.rmtree(old)
+            old.rmtree()
         else:
             tmp.rename(path)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            tmp.rmtree()
 
 
 def copy_tokenizer(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
     """Copies the tokenizer files present in `src` into `dst` byte for byte; returns names."""
     if src is None:
         return []
-    names = [n for n in TOKENIZER_FILES if (pathlib.Path(src) / n).is_file()]
-    for n in names:
-        shutil.copyfile(pathlib.Path(src) / n, pathlib.Path(dst) / n)
+    src, dst = paths.as_path(src), paths.as_path(dst)
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    for n in names:  # small files; read whole, so that local and bucket paths mix
+        (dst / n).write_bytes((src / n).read_bytes())
     return names
 
 
@@ -117,14 +119,14 @@ def save_model_dir(
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
-) -> pathlib.Path:
+) -> epath.Path:
     """Writes a model directory. `params`: an nnx model or its pure parameter dict, whose leaves
     may be jax/numpy arrays or LazyParams. Single-process (conversion, export of a model)."""
     if isinstance(params, nnx.Module):
         params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
     params = jax.tree.map(lambda x: lazy(x) if isinstance(x, np.ndarray) else x, params,
                           is_leaf=lambda x: isinstance(x, LazyParam))
-    path = pathlib.Path(path).absolute()
+    path = paths.as_path(path)
     with atomic_dir(path, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config_to_json(cfg))
         orbax_streaming.save_tree(tmp / PARAMS_DIR, params, LazyParam)
@@ -140,14 +142,14 @@ CHECKPOINTS_DIR = "checkpoints"  # training workdir: WORKDIR/checkpoints/<step>/
 class ModelPaths:
     """Where a model's config, parameters and tokenizer files are."""
 
-    config: pathlib.Path
-    params: pathlib.Path
-    tokenizer_dir: pathlib.Path
+    config: epath.Path
+    params: epath.Path
+    tokenizer_dir: epath.Path
 
 
-def latest_step_dir(workdir: str | os.PathLike) -> pathlib.Path | None:
+def latest_step_dir(workdir: str | os.PathLike) -> epath.Path | None:
     """The newest complete step directory of a training workdir (None if it has none)."""
-    root = pathlib.Path(workdir) / CHECKPOINTS_DIR
+    root = paths.as_path(workdir) / CHECKPOINTS_DIR
     steps = [d for d in root.iterdir() if d.name.isdigit() and (d / PARAMS_DIR).is_dir()] if (
         root.is_dir()) else []
     return max(steps, key=lambda d: int(d.name)) if steps else None
@@ -155,9 +157,9 @@ def latest_step_dir(workdir: str | os.PathLike) -> pathlib.Path | None:
 
 def resolve(path: str | os.PathLike) -> ModelPaths:
     """What a `--ckpt` names: a model directory, a training workdir (its latest checkpoint), or
-    one step directory of a workdir (WORKDIR/checkpoints/STEP). Paths come back absolute:
-    Orbax reads no metadata through a relative one."""
-    path = pathlib.Path(path).absolute()
+    one step directory of a workdir (WORKDIR/checkpoints/STEP), local or a bucket URL. Paths
+    come back absolute: Orbax reads no metadata through a relative one."""
+    path = paths.as_path(path)
     if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
         return ModelPaths(path / CONFIG_FILE, path / PARAMS_DIR, path)
     if (path / PARAMS_DIR).is_dir() and path.parent.name == CHECKPOINTS_DIR:
@@ -176,7 +178,7 @@ def resolve(path: str | os.PathLike) -> ModelPaths:
 def run_config(directory: str | os.PathLike) -> dict:
     """The whole config of the training run that wrote `directory` (a workdir's
     train_config.json) as plain data; {} where there is none (a model directory)."""
-    path = pathlib.Path(directory) / TRAIN_CONFIG_FILE
+    path = paths.as_path(directory) / TRAIN_CONFIG_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -184,7 +186,7 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(resolve(path).config.read_text()))
 
 
-def _stored_metadata(params_dir: pathlib.Path) -> dict[tuple[str, ...], object]:
+def _stored_metadata(params_dir: epath.Path) -> dict[tuple[str, ...], object]:
     with ocp.PyTreeCheckpointer() as ckptr:
         return traverse_util.flatten_dict(ckptr.metadata(params_dir).item_metadata.tree)
 

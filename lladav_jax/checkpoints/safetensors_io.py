@@ -4,7 +4,8 @@ sharded checkpoints with a `model.safetensors.index.json`, one block of rows at 
 A safetensors file is an 8-byte little-endian header length, a JSON header
 `{key: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}` and the raw
 little-endian tensor bytes. Reading uses `os.pread` into a fresh buffer rather than a memory
-map, so that resident memory is the rows asked for, never the pages of a whole file.
+map, so that resident memory is the rows asked for, never the pages of a whole file; in a bucket
+(gs://..., `lladav_jax.paths`) a ranged read does the same.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from lladav_jax import paths
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -58,7 +61,7 @@ class LazyTensor:
     reports those keys instead of failing on first touch).
     """
 
-    path: pathlib.Path
+    path: epath.Path
     key: str
     code: str
     shape: tuple[int, ...]
@@ -74,11 +77,18 @@ class LazyTensor:
             raise SafetensorsError(f"{self.path}: {self.key} has unsupported dtype {self.code}")
         buf = np.empty(count, self.dtype)
         view = memoryview(buf.view(np.uint8))
+        at = self.offset + start * self.dtype.itemsize
+        if paths.is_url(self.path):
+            with self.path.open("rb") as f:
+                f.seek(at)
+                if f.readinto(view) != view.nbytes:
+                    raise SafetensorsError(f"{self.path}: {self.key} is truncated")
+            return buf
         fd = os.open(self.path, os.O_RDONLY)
         try:
             pos, want = 0, count * self.dtype.itemsize
             while pos < want:  # pread may return short reads for large sizes
-                n = os.preadv(fd, [view[pos:]], self.offset + start * self.dtype.itemsize + pos)
+                n = os.preadv(fd, [view[pos:]], at + pos)
                 if n <= 0:
                     raise SafetensorsError(f"{self.path}: {self.key} is truncated")
                 pos += n
@@ -106,9 +116,9 @@ class LazyTensor:
 
 def read_header(path: str | os.PathLike) -> dict[str, LazyTensor]:
     """The tensors of one .safetensors file (header only; no tensor data is read)."""
-    path = pathlib.Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    path = paths.as_path(path)
+    size = path.stat().length
+    with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -141,7 +151,7 @@ def open_checkpoint(directory: str | os.PathLike) -> dict[str, LazyTensor]:
     Uses `model.safetensors.index.json` when present (every listed file must exist and hold
     exactly the keys the index gives it); otherwise every `*.safetensors` file in the directory.
     """
-    directory = pathlib.Path(directory)
+    directory = paths.as_path(directory)
     index = directory / INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -219,8 +229,8 @@ def write_file(
     metadata: Mapping[str, str] | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> None:
-    """Writes one .safetensors file, streaming each tensor's row blocks to disk."""
-    with open(path, "wb") as f:
+    """Writes one .safetensors file, streaming each tensor's row blocks to disk (or a bucket)."""
+    with paths.as_path(path).open("wb") as f:
         f.write(_header_bytes(tensors, metadata or {"format": "pt"}))
         for t in tensors:
             written = 0
@@ -243,7 +253,7 @@ def write_sharded(
 ) -> dict:
     """Writes `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`
     into an existing directory; returns the index."""
-    directory = pathlib.Path(directory)
+    directory = paths.as_path(directory)
     keys = [t.key for t in tensors]
     if len(set(keys)) != len(keys):
         raise SafetensorsError(f"duplicate keys: {sorted({k for k in keys if keys.count(k) > 1})}")

@@ -1,7 +1,8 @@
 """What flows through the data pipeline, stage by stage.
 
     source  -> RawSample   {"id", "conversations", "images": [bytes | path]}   (LLaVA format)
-    featurize -> Example   tokens, targets, processed images at their placeholder starts
+    measure -> Measured    tokens, targets, image sizes and counts: everything but pixels
+    add pixels -> Example  tokens, targets, processed images at their placeholder starts
     batch   -> dict of fixed-shape arrays (see `BATCH_KEYS`), one row per sequence
 
 A sample that cannot be used becomes a `Skip` with a reason from `SKIP_REASONS`; the pipeline
@@ -22,6 +23,8 @@ from lladav_jax.data.image import ProcessedImage
 # Sources never raise on bad data; they mark it for the featurizer to skip and count:
 # `_error` ("malformed: <what>") for an unreadable sample, `_missing_images` (indices into
 # `images`) for image files missing when the sample was packed. `_source` names the source.
+# `_image_sizes` ([width, height] per image, as decoded) lets a source that knows its sizes
+# spare the measure step the image headers (`SyntheticSource.header`).
 RawSample = dict[str, Any]
 
 SKIP_REASONS = (
@@ -46,6 +49,33 @@ class Skip:
     def __post_init__(self):
         if self.reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {self.reason!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Measured:
+    """A sample as its pixels will make it, measured without them: the tokens and targets, and
+    per image its size (width, height, EXIF orientation applied), visual tokens and tiles.
+    Enough to plan rows and batches (`data/plan.py`); `Featurizer.add_pixels` adds the images.
+    """
+
+    sample_id: str
+    tokens: np.ndarray
+    targets: np.ndarray
+    image_starts: tuple[int, ...] = ()
+    image_sizes: tuple[tuple[int, int], ...] = ()
+    image_tokens: tuple[int, ...] = ()
+    image_tiles: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(self.image_tiles)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return sum(self.image_tokens)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,5 +1,10 @@
 """RawSample -> Example | Skip: validate, load images, apply the chat template, fit the length.
 
+Two steps, so that a process can plan its batches from every sample but decode only the images
+of its own rows (`data/pipeline.py`): `Featurizer.measure` does all but the pixel work (image
+sizes come from the headers) and gives the final tokens; `Featurizer.add_pixels` decodes and
+tiles the images. One code path makes the tokens, so a measured length is the featurized one.
+
 Bad data never raises here: it becomes a `Skip` with a reason from `SKIP_REASONS` and a detail
 naming the file or field at fault. Only programming and configuration errors raise.
 """
@@ -10,12 +15,13 @@ import contextlib
 import io
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
-from lladav_jax.data.example import SKIP_REASONS, Example, RawSample, Skip
+from lladav_jax.data.example import SKIP_REASONS, Example, Measured, RawSample, Skip
 from lladav_jax.data.image import process_image
 from lladav_jax.data.layout import best_grid, num_visual_tokens
 from lladav_jax.data.template import (
@@ -33,6 +39,7 @@ OVERLONG = ("drop", "truncate")
 MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 ImageRef = bytes | bytearray | memoryview | str | os.PathLike
 
@@ -65,6 +72,65 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # P, L, 1, CMYK, YCbCr, ...
 
 
+@contextlib.contextmanager
+def _opened(ref: ImageRef, name: str | None,
+            max_pixels: int | None) -> Iterator[tuple[Image.Image, str]]:
+    """(image, name): the image at `ref` with its header read and its pixels not decoded yet
+    (Pillow decodes lazily), refused above `max_pixels`; the file stays open inside."""
+    if isinstance(ref, str | os.PathLike):
+        path = os.fspath(ref)
+        name = name or path or "<empty path>"
+        if not os.path.exists(path):
+            raise ImageLoadError("missing_image", name, "no such file")
+        try:
+            stream: Any = open(path, "rb")  # noqa: SIM115  (closed below)
+        except OSError as e:
+            raise ImageLoadError("corrupt_image", name, f"cannot read ({e})") from e
+    elif isinstance(ref, bytes | bytearray | memoryview):
+        stream = io.BytesIO(ref)
+        name = name or f"<{len(stream.getbuffer())} bytes>"
+    else:
+        raise TypeError(f"an image is bytes or a path, got {type(ref).__name__}")
+    with stream:
+        try:
+            with warnings.catch_warnings():
+                # Our own pixel limit below replaces Pillow's warning.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(stream)
+            width, height = image.size
+        except Image.DecompressionBombError as e:
+            raise ImageLoadError("corrupt_image", name, f"decompression bomb ({e})") from e
+        except Exception as e:  # Pillow raises many types on bad data (OSError, SyntaxError, ...)
+            raise ImageLoadError(
+                "corrupt_image", name, f"cannot decode ({type(e).__name__}: {e})"
+            ) from e
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageLoadError(
+                "corrupt_image", name,
+                f"{width}x{height} pixels exceeds {max_pixels} (decompression bomb?)",
+            )  # fmt: skip
+        yield image, name
+
+
+def image_size(
+    ref: ImageRef, *, name: str | None = None, max_pixels: int | None = MAX_PIXELS
+) -> tuple[int, int]:
+    """(width, height) of the image `load_image` returns, from the header alone (no pixels
+    decoded): what the measure step needs. Raises `ImageLoadError` as `load_image` does for
+    what a header shows (missing file, unreadable header, too many pixels).
+
+    EXIF orientation is read where the header holds it; a PNG's eXIf chunk after the image
+    data is not (reading it decodes the pixels), so such a rotated PNG measures as stored and
+    `Featurizer.add_pixels` skips it as corrupt_image (its size differs from its measure)."""
+    with _opened(ref, name, max_pixels) as (image, _):
+        width, height = image.size
+        orientation = 1
+        if image.format != "PNG" or "exif" in image.info:  # PNG's getexif() would decode
+            with contextlib.suppress(Exception):  # a broken EXIF block: used as stored
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        return (height, width) if orientation in _TRANSPOSED else (width, height)
+
+
 def load_image(
     ref: ImageRef, *, name: str | None = None, max_pixels: int | None = MAX_PIXELS
 ) -> Image.Image:
@@ -75,41 +141,13 @@ def load_image(
     (reason 'missing_image' or 'corrupt_image', message naming `name` or the path) for a missing
     file, undecodable or truncated data, or more than `max_pixels` pixels (a decompression bomb).
     """
-    if isinstance(ref, str | os.PathLike):
-        path = os.fspath(ref)
-        name = name or path or "<empty path>"
-        if not os.path.exists(path):
-            raise ImageLoadError("missing_image", name, "no such file")
+    with _opened(ref, name, max_pixels) as (image, name):
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ImageLoadError("corrupt_image", name, f"cannot read ({e})") from e
-    elif isinstance(ref, bytes | bytearray | memoryview):
-        data = bytes(ref)
-        name = name or f"<{len(data)} bytes>"
-    else:
-        raise TypeError(f"an image is bytes or a path, got {type(ref).__name__}")
-    try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below replaces Pillow's warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageLoadError(
-                    "corrupt_image", name,
-                    f"{width}x{height} pixels exceeds {max_pixels} (decompression bomb?)",
-                )  # fmt: skip
             image.load()  # truncated files fail here (LOAD_TRUNCATED_IMAGES stays off)
-    except ImageLoadError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError("corrupt_image", name, f"decompression bomb ({e})") from e
-    except Exception as e:  # Pillow raises many types on bad data (OSError, SyntaxError, ...)
-        raise ImageLoadError(
-            "corrupt_image", name, f"cannot decode ({type(e).__name__}: {e})"
-        ) from e
+        except Exception as e:
+            raise ImageLoadError(
+                "corrupt_image", name, f"cannot decode ({type(e).__name__}: {e})"
+            ) from e
     # A broken EXIF block leaves the image as stored: its pixels are still good.
     with contextlib.suppress(Exception):
         image = ImageOps.exif_transpose(image)
@@ -217,11 +255,46 @@ class Featurizer:
         self.max_pixels = max_pixels
 
     def __call__(self, raw: RawSample) -> Example | Skip:
+        """The whole featurization: `measure`, then `add_pixels`."""
+        measured = self.measure(raw)
+        return measured if isinstance(measured, Skip) else self.add_pixels(measured, raw)
+
+    def measure(self, raw: RawSample) -> Measured | Skip:
+        """Everything but the pixels: validation, image sizes from the headers (or the
+        source's `_image_sizes`), the template, the length fit and the visual limits. The
+        tokens are final: `add_pixels` only adds the images, so a plan made from measures
+        holds exactly the lengths of the featurized samples."""
         sample_id = str(raw.get("id", "")) if isinstance(raw, Mapping) else ""
         try:
-            return self._featurize(raw, sample_id)
+            return self._measure(raw, sample_id)
         except _Skipped as s:
             return Skip(s.reason, sample_id, s.detail)
+
+    def add_pixels(self, measured: Measured, raw: RawSample) -> Example | Skip:
+        """Decodes, resizes and tiles the images `measure` kept (of the full sample `raw`,
+        whose measure `measured` is). Data the headers did not show to be bad (truncated pixel
+        data, a size other than the header's) is a Skip here."""
+        try:
+            refs, names = _image_refs(raw)
+            images = []
+            for ref, name, size, count in zip(refs, names, measured.image_sizes,
+                                              measured.image_tokens):  # the kept images
+                try:
+                    pil = load_image(ref, name=name, max_pixels=self.max_pixels)
+                except ImageLoadError as e:
+                    raise _Skipped(e.reason, str(e)) from e
+                if pil.size != tuple(size):
+                    raise _Skipped("corrupt_image", f"{name}: decoded {pil.size[0]}x"
+                                   f"{pil.size[1]}, its header says {size[0]}x{size[1]}")
+                image = process_image(pil, self.cfg)
+                if image.layout.num_tokens != count:  # the host count must match the layout
+                    raise RuntimeError(f"{name}: layout has {image.layout.num_tokens} tokens, "
+                                       f"expected {count}")  # fmt: skip
+                images.append(image)
+        except _Skipped as s:
+            return Skip(s.reason, measured.sample_id, s.detail)
+        return Example(measured.sample_id, measured.tokens, measured.targets, tuple(images),
+                       measured.image_starts)
 
     def _tiles(self, size: tuple[int, int]) -> int:
         if self.cfg.image.aspect_ratio == "plain":
@@ -229,7 +302,32 @@ class Featurizer:
         cols, rows = best_grid(size, self.cfg)
         return 1 + cols * rows  # base tile + grid
 
-    def _featurize(self, raw: RawSample, sample_id: str) -> Example:
+    def _sizes(self, raw: Mapping, refs: list, names: list[str]) -> list[tuple[int, int]]:
+        """(width, height) of each image: the source's `_image_sizes`, else the headers'."""
+        missing = raw.get("_missing_images")  # missing when packed (sources/array_record.py)
+        missing = set(missing) if isinstance(missing, list | tuple) else set()
+        given = raw.get("_image_sizes")
+        if given is not None and not (
+                isinstance(given, list | tuple) and len(given) == len(refs)
+                and all(isinstance(s, list | tuple) and len(s) == 2
+                        and all(isinstance(v, int | np.integer) and v > 0 for v in s)
+                        for s in given)):
+            raise _Skipped("malformed", f"'_image_sizes' is not one [width, height] per "
+                                        f"image: {given!r:.80}")  # fmt: skip
+        sizes = []
+        for k, (ref, name) in enumerate(zip(refs, names)):
+            if k in missing:
+                raise _Skipped("missing_image", f"{name}: missing when the records were packed")
+            if given is not None:
+                sizes.append((int(given[k][0]), int(given[k][1])))
+                continue
+            try:
+                sizes.append(image_size(ref, name=name, max_pixels=self.max_pixels))
+            except ImageLoadError as e:
+                raise _Skipped(e.reason, str(e)) from e
+        return sizes
+
+    def _measure(self, raw: RawSample, sample_id: str) -> Measured:
         if not isinstance(raw, Mapping):
             raise _Skipped("malformed", f"a sample is a dict, got {type(raw).__name__}")
         if raw.get("_error"):  # a source marked it: "<reason>: <what>" (data/sources/)
@@ -248,17 +346,8 @@ class Featurizer:
             raise _Skipped(
                 "image_tag_mismatch", f"{n_tags} {IMAGE_TAG} tags but {len(refs)} images{listed}"
             )
-        packed_missing = raw.get("_missing_images")  # missing when packed (sources/array_record.py)
-        packed_missing = set(packed_missing) if isinstance(packed_missing, list | tuple) else set()
-        pils = []
-        for k, (ref, name) in enumerate(zip(refs, names)):
-            if k in packed_missing:
-                raise _Skipped("missing_image", f"{name}: missing when the records were packed")
-            try:
-                pils.append(load_image(ref, name=name, max_pixels=self.max_pixels))
-            except ImageLoadError as e:
-                raise _Skipped(e.reason, str(e)) from e
-        counts = [num_visual_tokens(*pil.size, self.cfg) for pil in pils]
+        sizes = self._sizes(raw, refs, names)
+        counts = [num_visual_tokens(*size, self.cfg) for size in sizes]
         enc = encode_conversation(self.template, self.tokenizer, turns, counts, system=self.system)
         tokens, targets, starts = enc.tokens, enc.targets, enc.image_starts
         if len(tokens) > self.seq_len:
@@ -269,18 +358,14 @@ class Featurizer:
             cut = max(fits)  # the end of an assistant turn: no answer, no image is split
             tokens, targets = tokens[:cut], targets[:cut]
             starts = tuple(s for s in starts if s < cut)
-            pils, counts, names = pils[: len(starts)], counts[: len(starts)], names[: len(starts)]
-        tiles = sum(self._tiles(pil.size) for pil in pils)
-        if tiles > self.cfg.image.max_tiles or sum(counts) > self.cfg.image.max_visual_tokens:
+            sizes, counts, names = sizes[: len(starts)], counts[: len(starts)], names[: len(starts)]
+        tiles = [self._tiles(size) for size in sizes]
+        if sum(tiles) > self.cfg.image.max_tiles or sum(counts) > self.cfg.image.max_visual_tokens:
             raise _Skipped(
                 "too_many_visual",
-                f"{tiles} tiles / {sum(counts)} visual tokens > max_tiles "
+                f"{sum(tiles)} tiles / {sum(counts)} visual tokens > max_tiles "
                 f"{self.cfg.image.max_tiles} / max_visual_tokens "
                 f"{self.cfg.image.max_visual_tokens} ({', '.join(names)})",
             )
-        images = tuple(process_image(pil, self.cfg) for pil in pils)
-        for image, count, name in zip(images, counts, names):
-            if image.layout.num_tokens != count:  # the host count must match the layout
-                raise RuntimeError(f"{name}: layout has {image.layout.num_tokens} tokens, "
-                                   f"expected {count}")  # fmt: skip
-        return Example(sample_id, tokens, targets, images, tuple(starts))
+        return Measured(sample_id, tokens, targets, tuple(starts), tuple(sizes), tuple(counts),
+                        tuple(tiles))

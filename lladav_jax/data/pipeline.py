@@ -1,9 +1,15 @@
 """The Grain input pipeline: raw samples -> fixed-shape batches, deterministic and resumable.
 
-    source -> shuffle (per epoch) -> this process's share -> repeat -> windows of W samples
-      -> [worker processes] featurize each sample, pack or length-group the window into rows,
-         cut the rows into batches
+    source -> shuffle (per epoch) -> repeat -> windows of W samples
+      -> [worker processes] measure every sample of the window (no pixels) -> plan its rows
+         and batches (`data/plan.py`) -> add pixels to the samples of this process's rows only
+         -> collate this process's rows of each batch
       -> [this process] flatten windows into batches, count skips, abort on too many
+
+Every process reads the whole window and plans it alike, but decodes only the images of its
+own rows: the global batch, its length and the number of batches do not depend on the process
+count (N processes train exactly as one), and a host of a 64-host pod decodes 1/64 of the
+images. Measuring is cheap (text, image headers); decoding, resizing and tiling are the cost.
 
 Every window is a pure function of its index, so the iterator state is just "which window, which
 batch of it" (plus skip tallies): restoring it gives exactly the batches of an uninterrupted run.
@@ -14,19 +20,34 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import grain
 import numpy as np
 from absl import flags
 
 from lladav_jax.data import shared_memory
-from lladav_jax.data.example import BATCH_KEYS, SKIP_REASONS, Example, RawSample, Skip
+from lladav_jax.data.example import (
+    BATCH_KEYS,
+    SKIP_REASONS,
+    Example,
+    Measured,
+    RawSample,
+    Skip,
+)
 from lladav_jax.data.layout import collate_visual
+from lladav_jax.data.plan import Planner, Row, length_buckets
 
-Featurize = Callable[[RawSample], "Example | Skip"]
 MAX_NAMED = 5  # skipped samples named in an abort message
+
+
+class Featurize(Protocol):
+    """The two steps of `Featurizer`: `measure` (no pixels) and `add_pixels`."""
+
+    def measure(self, raw: RawSample) -> Measured | Skip: ...
+
+    def add_pixels(self, measured: Measured, raw: RawSample) -> Example | Skip: ...
 
 
 class DataQualityError(RuntimeError):
@@ -34,48 +55,18 @@ class DataQualityError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Row:
-    """One sequence of a batch: one example, or several packed ones."""
+class Padding:
+    """The planned place of a sample whose pixels failed: `length` padding tokens."""
 
-    examples: tuple[Example, ...]
+    length: int
 
-    @property
-    def length(self) -> int:
-        return sum(len(e) for e in self.examples)
-
-
-def _fits(row: list[Example], ex: Example, seq_len: int, image_cfg) -> bool:
-    tiles = sum(i.tiles.shape[0] for e in (*row, ex) for i in e.images)
-    tokens = sum(i.layout.num_tokens for e in (*row, ex) for i in e.images)
-    return (
-        sum(len(e) for e in row) + len(ex) <= seq_len
-        and tiles <= image_cfg.max_tiles
-        and tokens <= image_cfg.max_visual_tokens
-    )
+    def __len__(self) -> int:
+        return self.length
 
 
-def pack_rows(examples: Sequence[Example], seq_len: int, image_cfg) -> list[Row]:
-    """First-fit decreasing: longest first, each into the first row with room (tokens, tiles and
-    visual tokens), so that short samples fill the gaps that long ones leave."""
-    rows: list[list[Example]] = []
-    for ex in sorted(examples, key=len, reverse=True):
-        for row in rows:
-            if _fits(row, ex, seq_len, image_cfg):
-                row.append(ex)
-                break
-        else:
-            rows.append([ex])
-    return [Row(tuple(r)) for r in rows]
-
-
-def group_rows(examples: Sequence[Example], by_length: bool) -> list[Row]:
-    """One example per row; sorted by length so that a batch holds similar lengths."""
-    order = sorted(examples, key=len) if by_length else list(examples)
-    return [Row((e,)) for e in order]
-
-
-def collate(rows: Sequence[Row], batch_size: int, seq_len: int, cfg, pad_id: int) -> dict:
-    """Rows -> the fixed-shape batch of `BATCH_KEYS`; missing rows are all padding."""
+def collate(rows: Sequence[Row], batch_size: int, seq_len: int, cfg: Any, pad_id: int) -> dict:
+    """Rows -> the fixed-shape batch of `BATCH_KEYS`; missing rows and `Padding` are padding
+    (a sample after a `Padding` keeps its planned place and segment id)."""
     tokens = np.full((batch_size, seq_len), pad_id, np.int32)
     targets = np.zeros((batch_size, seq_len), bool)
     positions = np.zeros((batch_size, seq_len), np.int32)
@@ -85,11 +76,12 @@ def collate(rows: Sequence[Row], batch_size: int, seq_len: int, cfg, pad_id: int
         at = 0
         for seg, ex in enumerate(row.examples, start=1):
             n = len(ex)
-            tokens[i, at : at + n] = ex.tokens
-            targets[i, at : at + n] = ex.targets
-            positions[i, at : at + n] = np.arange(n)
-            segment_ids[i, at : at + n] = seg
-            images[i].extend((img, at + s) for img, s in zip(ex.images, ex.image_starts))
+            if not isinstance(ex, Padding):
+                tokens[i, at : at + n] = ex.tokens
+                targets[i, at : at + n] = ex.targets
+                positions[i, at : at + n] = np.arange(n)
+                segment_ids[i, at : at + n] = seg
+                images[i].extend((img, at + s) for img, s in zip(ex.images, ex.image_starts))
             at += n
     batch = dict(tokens=tokens, targets=targets, positions=positions, segment_ids=segment_ids)
     batch.update(collate_visual(images, cfg, seq_len))
@@ -97,57 +89,75 @@ def collate(rows: Sequence[Row], batch_size: int, seq_len: int, cfg, pad_id: int
     return batch
 
 
+def _named(skip: Skip) -> str:
+    return f"{skip.sample_id} ({skip.reason}: {skip.detail})"
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowToBatches:
-    """Featurizes one window of raw samples and returns its batches and skip counts."""
+    """One window of sample indices -> this process's rows of its batches, and skip counts.
 
-    featurize: Featurize
+    `skips`: samples the plan left out (every process finds the same). `local_skips`: samples
+    of this process's rows whose pixels failed (a header that reads, data that does not);
+    their places stay padding, so the batch is still the planned one. `featurized`: samples
+    this process added pixels to."""
+
+    source: Any  # random access; an optional `header(i)` spares reading the pixels to measure
+    featurizer: Featurize
+    planner: Planner
     cfg: Any  # model config: image sizes and fixed shapes
-    seq_len: int
-    batch_size: int
     pad_id: int
-    pack: bool
-    group_by_length: bool
-    seed: int
-    buckets: tuple[int, ...] = ()  # sequence lengths a batch may take (sorted; last = seq_len)
+    rows: tuple[int, ...] | None = None  # this process's rows of each batch (None: all)
 
-    def __call__(self, index: int, raws: Sequence[RawSample]) -> dict:
-        examples, skips, named = [], collections.Counter(), []
+    def __call__(self, index: int, indices: Sequence[int]) -> dict:
+        # A header spares reading (for synthetic data: drawing) the samples of others' rows;
+        # one process holding every row reads each sample once, in full.
+        header = getattr(self.source, "header", None) if self.rows is not None else None
+        raws = [header(i) if header else self.source[i] for i in indices]
+        measures: list[Measured | None] = []
+        skips, named = collections.Counter(), []
         for raw in raws:
-            out = self.featurize(raw)
+            out = self.featurizer.measure(raw)
             if isinstance(out, Skip):
                 skips[out.reason] += 1
-                if len(named) < MAX_NAMED:
-                    named.append(f"{out.sample_id} ({out.reason}: {out.detail})")
-            else:
-                examples.append(out)
-        if self.pack:
-            rows = pack_rows(examples, self.seq_len, self.cfg.image)
-        else:
-            rows = group_rows(examples, self.group_by_length)
-        chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        # Sorted rows make batches ordered by length; shuffle the batches of the window.
-        order = np.random.default_rng([self.seed, index]).permutation(len(chunks))
+                named.append(_named(out))
+                out = None
+            measures.append(out)
+        plan = self.planner(index, measures)
+        local, local_named, featurized = collections.Counter(), [], 0
+        rows = self.rows if self.rows is not None else range(self.planner.batch_size)
         batches = []
-        for k in order:
-            length = self.bucket(max(r.length for r in chunks[k]))
-            batch = collate(chunks[k], self.batch_size, length, self.cfg, self.pad_id)
-            batch["num_samples"] = np.int32(sum(len(r.examples) for r in chunks[k]))
+        for planned in plan:
+            mine = []
+            for r in rows:
+                placed = []
+                for k in planned.rows[r] if r < len(planned.rows) else ():
+                    full = self.source[indices[k]] if header else raws[k]
+                    out = self.featurizer.add_pixels(measures[k], full)
+                    featurized += 1
+                    if isinstance(out, Skip):
+                        local[out.reason] += 1
+                        local_named.append(_named(out))
+                        out = Padding(len(measures[k]))
+                    placed.append(out)
+                mine.append(Row(tuple(placed)))
+            batch = collate(mine, len(mine), planned.length, self.cfg, self.pad_id)
+            batch.update(num_samples=planned.num_samples, num_tokens=planned.num_tokens,
+                         num_tiles=planned.num_tiles)
             batches.append(batch)
-        return {"batches": batches, "seen": len(raws), "skips": dict(skips), "named": named}
-
-    def bucket(self, longest: int) -> int:
-        """The shortest allowed batch length that holds the longest row."""
-        return next((b for b in self.buckets if b >= longest), self.seq_len)
+        return {"batches": batches, "seen": len(raws), "skips": dict(skips),
+                "named": named[:MAX_NAMED], "local_skips": dict(local),
+                "local_named": local_named[:MAX_NAMED], "featurized": featurized}
 
 
 class _FlattenIterator(grain.DatasetIterator):
     """Windows -> batches. Skip counts of a window ride on its first batch, or on the next batch
-    if the window had none; every batch carries `skips` (counts since the previous batch).
+    if the window had none; every batch carries `skips` and `local_skips` (counts since the
+    previous batch).
 
-    The state is "window k, batch j" plus skip tallies, never Grain's internals: a restore
-    re-opens the windows from k (each a pure function of its index), so it works with any
-    number of worker processes, the same or not.
+    The state is "window k, batch j" plus skip tallies and the count of samples featurized,
+    never Grain's internals: a restore re-opens the windows from k (each a pure function of
+    its index), so it works with any number of worker processes, the same or not.
     """
 
     def __init__(self, windows: grain.MapDataset, workers: int, max_skip_fraction: float,
@@ -160,15 +170,20 @@ class _FlattenIterator(grain.DatasetIterator):
         self._k = 0  # index of the window in hand, or of the next one to load
         self._window: dict | None = None
         self._next = 0
-        self._pending: collections.Counter = collections.Counter()
-        self._seen = 0
-        self._skipped: collections.Counter = collections.Counter()
-        self._named: list[str] = []
+        self._set_tallies({})
+
+    def _set_tallies(self, state: dict) -> None:
+        count = lambda key: collections.Counter(state.get(key, {}))
+        self._pending, self._local_pending = count("pending"), count("local_pending")
+        self._skipped, self._local_skipped = count("skipped"), count("local_skipped")
+        self._seen, self.featurized = state.get("seen", 0), state.get("featurized", 0)
+        self._named = list(state.get("named", []))
 
     def _open(self, k: int) -> None:
         self.close()
         # An element is a whole window: Grain's default read-ahead (16 threads, 500 elements)
-        # would featurize dozens at once. Parallelism comes from worker processes instead.
+        # would featurize dozens at once. One thread makes up to two windows ahead of the
+        # step (with 0 workers, in this process); parallelism comes from worker processes.
         it = self._windows[k:].to_iter_dataset(
             grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
         if self._workers > 0:
@@ -188,16 +203,26 @@ class _FlattenIterator(grain.DatasetIterator):
         elif self._window is not None:
             self._k += 1
         self._window, self._next = shared_memory.unlink_on_arrival(next(self._upstream)), 0
-        self._pending.update(self._window["skips"])
-        self._seen += self._window["seen"]
-        self._skipped.update(self._window["skips"])
-        self._named = (self._named + self._window["named"])[:MAX_NAMED]
+        w = self._window
+        self._pending.update(w["skips"])
+        self._local_pending.update(w["local_skips"])
+        self._seen += w["seen"]
+        self._skipped.update(w["skips"])
+        self._local_skipped.update(w["local_skips"])
+        self.featurized += w["featurized"]
+        self._named = (self._named + w["named"] + w["local_named"])[:MAX_NAMED]
         self._check()
 
     def _check(self) -> None:
-        skipped = sum(self._skipped.values())
+        """Aborts when the skipped share passes the limit. With several processes this uses
+        this process's counts: the plan's skips (the same everywhere) plus, for the samples
+        the plan kept, the failure rate of those this process featurized (exact with one)."""
+        planned = sum(self._skipped.values())
+        failed = sum(self._local_skipped.values()) / max(self.featurized, 1)
+        skipped = round(planned + failed * (self._seen - planned))
         if self._seen >= self._min_seen and skipped > self._max_skip_fraction * self._seen:
-            worst = ", ".join(f"{r} {n}" for r, n in self._skipped.most_common())
+            worst = ", ".join(f"{r} {n}" for r, n in
+                              (self._skipped + self._local_skipped).most_common())
             raise DataQualityError(
                 f"{skipped} of {self._seen} samples skipped ({skipped / self._seen:.1%} > "
                 f"max_skip_fraction {self._max_skip_fraction:.1%}): {worst}; e.g. "
@@ -209,8 +234,10 @@ class _FlattenIterator(grain.DatasetIterator):
             self._load()
         batch = dict(self._window["batches"][self._next])
         self._next += 1
-        batch["skips"] = {r: np.int32(self._pending.get(r, 0)) for r in SKIP_REASONS}
+        batch["skips"] = {r: self._pending.get(r, 0) for r in SKIP_REASONS}
+        batch["local_skips"] = {r: self._local_pending.get(r, 0) for r in SKIP_REASONS}
         self._pending.clear()
+        self._local_pending.clear()
         return batch
 
     def get_state(self) -> dict:
@@ -220,16 +247,17 @@ class _FlattenIterator(grain.DatasetIterator):
             "next": self._next,
             # Counts of the window in hand already went into the totals: keep them apart.
             "pending": dict(self._pending),
+            "local_pending": dict(self._local_pending),
             "seen": self._seen,
             "skipped": dict(self._skipped),
+            "local_skipped": dict(self._local_skipped),
+            "featurized": self.featurized,  # samples this process added pixels to
             "named": list(self._named),
         }
 
     def set_state(self, state: dict) -> None:
         self._k, self._next = state["window"], state["next"]
-        self._pending = collections.Counter(state["pending"])
-        self._seen, self._skipped = state["seen"], collections.Counter(state["skipped"])
-        self._named = list(state["named"])
+        self._set_tallies(state)  # (a state saved before local counts existed has none)
         self._open(self._k)
         # Recompute the window in hand (pure), without counting it again.
         self._window = (shared_memory.unlink_on_arrival(next(self._upstream))
@@ -258,43 +286,37 @@ class _Flatten(grain.IterDataset):
 
 def make_dataset(
     source: Sequence[RawSample],
-    featurize: Featurize,
-    cfg,
-    data,
+    featurizer: Featurize,
+    cfg: Any,
+    data: Any,
     *,
     pad_id: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: Sequence[int] | None = None,
 ) -> grain.IterDataset:
-    """The training input pipeline of one process.
+    """The training input pipeline of one process: its `rows` of every global batch.
 
-    cfg: the model config. data: `seq_len`, `batch_size` (per process), `seed`, `num_epochs`
-    (None = forever), `window` (samples featurized together), `pack`, `group_by_length`,
-    `length_buckets` (batch lengths allowed with group_by_length; each is one compiled shape),
-    `num_workers` (0 = in this process), `max_skip_fraction`, `min_seen_for_abort`.
-    Process index/count default to JAX's: each process reads a disjoint share of every epoch.
+    cfg: the model config. data: `seq_len`, `batch_size` (rows of the global batch), `seed`,
+    `num_epochs` (None = forever), `window` (samples planned together), `pack`,
+    `group_by_length`, `length_buckets` (batch lengths allowed with group_by_length; each is
+    one compiled shape), `num_workers` (0 = in this process), `max_skip_fraction`,
+    `min_seen_for_abort`. rows: this process's rows of each batch, in the order its batch
+    holds them (None: all, one process); every process reads and plans all samples, and adds
+    pixels only to those of its rows.
     """
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
-    ds = grain.MapDataset.source(source).shuffle(seed=data.seed)
-    ds = ds[process_index::process_count].repeat(data.num_epochs)
-    to_batches = WindowToBatches(
-        featurize=featurize, cfg=cfg, seq_len=data.seq_len, batch_size=data.batch_size,
-        pad_id=pad_id, pack=data.pack, group_by_length=data.group_by_length, seed=data.seed,
-        buckets=length_buckets(data) if data.group_by_length else (),
-    )
+    if rows is not None:
+        rows = tuple(int(r) for r in rows)
+        if len(set(rows)) != len(rows) or not all(0 <= r < data.batch_size for r in rows):
+            raise ValueError(f"rows {rows} are not distinct rows of a {data.batch_size}-row "
+                             "batch")
+    planner = Planner(seq_len=data.seq_len, batch_size=data.batch_size, pack=data.pack,
+                      group_by_length=data.group_by_length, seed=data.seed, image_cfg=cfg.image,
+                      buckets=length_buckets(data) if data.group_by_length else ())
+    to_batches = WindowToBatches(source=source, featurizer=featurizer, planner=planner, cfg=cfg,
+                                 pad_id=pad_id, rows=rows)
+    # Windows of source indices: the samples are read inside the window's work (a worker).
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=data.seed).repeat(data.num_epochs)
     windows = ds.batch(data.window, batch_fn=list).map_with_index(to_batches)
     return _Flatten(windows, data.num_workers, data.max_skip_fraction, data.min_seen_for_abort)
-
-
-def length_buckets(data) -> tuple[int, ...]:
-    """Allowed batch lengths: `data.length_buckets`, or quarter, half and full seq_len."""
-    buckets = data.get("length_buckets") or (data.seq_len // 4, data.seq_len // 2)
-    if max(buckets) > data.seq_len:
-        raise ValueError(f"length_buckets {buckets} exceed seq_len {data.seq_len}")
-    return tuple(sorted({*buckets, data.seq_len}))
 
 
 def padding_fraction(batches: Sequence[dict]) -> float:

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 
 import tokenizers
 
+from lladav_jax import paths
+
 # name -> token text (docs/design.md §1.2). `<|endoftext|>` is also the pad token.
 SPECIAL_TOKENS = {
     "bos": "<|startoftext|>",
@@ -74,23 +76,20 @@ class Tokenizer:
     # -- construction and persistence ---------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """From a directory holding `tokenizer.json`, or from the file itself."""
-        path = os.fspath(path)
-        file = os.path.join(path, FILENAME) if os.path.isdir(path) else path
-        if not os.path.isfile(file):
+        """From a directory holding `tokenizer.json`, or from the file itself (local or a
+        bucket URL, `lladav_jax.paths`)."""
+        path = paths.as_path(path)
+        file = path / FILENAME if path.is_dir() else path
+        if not file.is_file():
             raise FileNotFoundError(f"no tokenizer file at {file}")
-        with open(file, encoding="utf-8") as f:
-            return cls(f.read(), source=file)
+        return cls(file.read_bytes().decode("utf-8"), source=os.fspath(file))
 
     def save(self, directory: str | os.PathLike) -> str:
         """Writes `tokenizer.json` (the loaded text, unchanged) into `directory`; returns it."""
-        os.makedirs(directory, exist_ok=True)
-        file = os.path.join(os.fspath(directory), FILENAME)
-        tmp = file + ".tmp"
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(self._json)
-        os.replace(tmp, file)  # never leave a half-written tokenizer behind
-        return file
+        directory = paths.as_path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths.write_whole(directory / FILENAME, self._json)  # never half a tokenizer
+        return os.fspath(directory / FILENAME)
 
     def to_json(self) -> str:
         return self._json

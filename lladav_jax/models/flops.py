@@ -25,13 +25,20 @@ def _vision_matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_step(cfg: ModelConfigLike, batch_shape: tuple[int, int], tiles: int) -> float:
-    """Training FLOPs of one step: `batch_shape` (rows, length) of text, `tiles` image tiles."""
-    cfg = ModelConfig.from_config(cfg)
+    """Training FLOPs of one step as computed: `batch_shape` (rows, length) of text, padding
+    included, every token attending to the whole row; `tiles` image tiles."""
     rows, length = batch_shape
+    return model_flops(cfg, rows * length, length, tiles)
+
+
+def model_flops(cfg: ModelConfigLike, tokens: int, attended: float, tiles: int) -> float:
+    """Training FLOPs of `tokens` text tokens that attend to `attended` tokens each on average,
+    and of `tiles` image tiles. Real work (MFU without padding): the non-padding tokens, each
+    attending to its own sample (its segment), and the real tiles."""
+    cfg = ModelConfig.from_config(cfg)
     t, v = cfg.text, cfg.vision
-    tokens = rows * length
     text = 6 * _text_matmul_params(t) * tokens
-    text += 12 * t.num_layers * length * t.num_heads * t.head_dim * tokens
+    text += 12 * t.num_layers * attended * t.num_heads * t.head_dim * tokens
     p = v.num_patches
     vision = 6 * _vision_matmul_params(cfg) * tiles * p
     vision += 12 * v.kept_layers * p * v.hidden_size * tiles * p

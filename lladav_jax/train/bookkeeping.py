@@ -5,21 +5,34 @@ step, the RNG key, the non-finite step counts, the samples skipped by reason, an
 trained since the last metrics row. `LogWindow` gathers those per-step metrics and turns them
 into one row of metrics.jsonl; a window a checkpoint cut in two is saved with it (host
 values), so a resumed run writes the same rows as an uninterrupted one.
+
+Where the time went (goodput): each row splits the window's wall time into waiting for data
+(host time in `next()` of the input pipeline: in an input-bound run, the time the chips
+idle), writing checkpoints, validation, and the rest, the steps; `goodput` is the steps'
+share. MFU counts real work (non-padding tokens, each attending to its own sample, and real
+image tiles); `mfu_padded` what the chips computed.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import sys
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
 from lladav_jax.data.example import SKIP_REASONS
-from lladav_jax.train.metrics import MetricsWriter
+
+TIMERS = ("data_wait_s", "checkpoint_s", "eval_s")  # the window's time outside the steps
+INPUT_BOUND = 0.1  # a window waiting for data more than this share of its time is input-bound
+
+
+class RowWriter(Protocol):
+    def write(self, row: dict) -> None: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,6 +50,8 @@ class Bookkeeping:
     nonfinite_in_a_row: int = 0  # ... of them since the last finite one
     skips: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     pending: list[dict] = dataclasses.field(default_factory=list)  # the unlogged window
+    # Skips this process alone saw since the last `settle` (never saved: settled first).
+    local_skips: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @classmethod
     def start(cls, seed: int) -> Bookkeeping:
@@ -55,10 +70,25 @@ class Bookkeeping:
                    nonfinite_in_a_row=meta["nonfinite_in_a_row"],
                    skips=collections.Counter(meta["skips"]), pending=list(meta["pending"]))
 
-    def count_skips(self, skips: Mapping[str, Any]) -> None:
-        """Adds a batch's skipped samples (by reason)."""
+    def count_skips(self, skips: Mapping[str, Any], *, local: bool = False) -> None:
+        """Adds a batch's skipped samples (by reason): those every process counts alike, or
+        (`local`) those only this process saw, which `settle` adds up over processes."""
+        counter = self.local_skips if local else self.skips
         for reason, n in skips.items():
-            self.skips[reason] += int(n)
+            counter[reason] += int(n)
+
+    def settle(self) -> None:
+        """Adds every process's local skips to `skips`: a collective on several processes,
+        so every process calls it at the same step (logging and checkpoint steps)."""
+        counts = np.array([self.local_skips.get(r, 0) for r in SKIP_REASONS], np.int64)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+        for reason, n in zip(SKIP_REASONS, counts):
+            if n:
+                self.skips[reason] += int(n)
+        self.local_skips.clear()
 
     def count_nonfinite(self, steps: list[dict], limit: int) -> None:
         """Counts the skipped (non-finite) steps among `steps`; raises NonFiniteLossError
@@ -80,13 +110,14 @@ class Bookkeeping:
 class LogWindow:
     """The steps since the last metrics row (starting with those a checkpoint carried over),
     and the row they make: losses and gradient norms averaged over the finite steps,
-    throughput and MFU over the window's wall time, the run's skip counts."""
+    throughput, MFU and where the window's wall time went, the run's skip counts."""
 
-    def __init__(self, book: Bookkeeping, writer: MetricsWriter, schedules: Mapping[str, Any],
+    def __init__(self, book: Bookkeeping, writers: Sequence[RowWriter],
+                 schedules: Mapping[str, Any],
                  *, peak_flops: float, n_devices: int, max_nonfinite_in_a_row: int,
                  progress: Any = None):
         self.book = book
-        self.writer = writer
+        self.writers = writers  # metrics.jsonl and TensorBoard; W&B if asked for
         self.schedules = schedules
         self.peak_flops, self.n_devices = peak_flops, n_devices
         self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
@@ -94,13 +125,19 @@ class LogWindow:
         self.steps: list[dict] = list(book.pending)
         self._resume_step = book.step
         self._started = time.perf_counter()
+        self._spent = dict.fromkeys(TIMERS, 0.0)
+        self._input_bound = False
 
     def add(self, step_metrics: Mapping[str, Any], *, samples: int, tokens: int,
-            flops: float) -> None:
+            flops: float, flops_padded: float) -> None:
         """One step: its metrics (device arrays) and its global batch's samples, non-padding
-        tokens and model FLOPs."""
+        tokens, and model FLOPs of the real work and as computed (padding included)."""
         self.steps.append({"m": step_metrics, "samples": samples, "tokens": tokens,
-                           "flops": flops})
+                           "flops": flops, "flops_padded": flops_padded})
+
+    def spend(self, timer: str, seconds: float) -> None:
+        """Time of the window spent outside the steps (one of `TIMERS`)."""
+        self._spent[timer] += seconds
 
     def carry(self) -> list[dict]:
         """The window's steps as host values (JSON), to save with a checkpoint."""
@@ -108,22 +145,28 @@ class LogWindow:
                       for s in self.steps]
         return self.steps
 
-    def write_row(self, step: int) -> dict | None:
-        """Writes the window's row as the row of `step` (nothing if the window is empty), then
-        counts its non-finite steps (after the row: the step that ends the run is on record
-        too) and starts the next window."""
+    def write_row(self, step: int, extra: Mapping[str, Any] | None = None) -> dict | None:
+        """Writes the window's row as the row of `step` (nothing if the window is empty), with
+        `extra` values (validation), then counts its non-finite steps (after the row: the
+        step that ends the run is on record too) and starts the next window. Every process
+        calls it at the same steps (`Bookkeeping.settle` is a collective)."""
         if not self.steps:
             return None
-        steps = self.carry()
+        steps = self.carry()  # waits for the window's last step
         elapsed = time.perf_counter() - self._started
+        self.book.settle()
         # Throughput of a window that began before a resume mixes two processes: not reported.
         resumed = step - len(steps) < self._resume_step
         row = self._row(step, steps, None if resumed else elapsed)
-        self.writer.write(row)
+        row.update(extra or {})
+        for writer in self.writers:
+            writer.write(row)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{row['loss']:.4f}")
+        self._warn_if_input_bound(row)
         self.book.count_nonfinite(steps, self.max_nonfinite_in_a_row)
         self.steps, self._started = [], time.perf_counter()
+        self._spent = dict.fromkeys(TIMERS, 0.0)
         return row
 
     def _row(self, step: int, steps: list[dict], elapsed: float | None) -> dict:
@@ -131,18 +174,36 @@ class LogWindow:
         ok = [m for m in ms if not m["skipped"]] or ms
         lrs = {p: float(s(step - 1)) for p, s in self.schedules.items()}
         tokens = sum(s["tokens"] for s in steps)  # global batches: every process sees them all
-        flops = sum(s["flops"] for s in steps)
+        peak = self.peak_flops * self.n_devices
+        timed = elapsed is not None
         row = {
             "step": step,
             "loss": float(np.mean([m["loss"] for m in ok])),
             "learning_rate": lrs.get("llm", max(lrs.values())),
             "grad_norm": float(np.mean([m["grad_norm"] for m in ok])),
-            "tokens_per_second": None if elapsed is None else tokens / elapsed,
-            "mfu": None if elapsed is None else
-            flops / elapsed / (self.peak_flops * self.n_devices),
+            "tokens_per_second": tokens / elapsed if timed else None,
+            "mfu": sum(s["flops"] for s in steps) / elapsed / peak if timed else None,
+            "mfu_padded": (sum(s.get("flops_padded", s["flops"]) for s in steps) / elapsed
+                           / peak if timed else None),
+            "step_s": elapsed / len(steps) if timed else None,
+            **{k: v if timed else None for k, v in self._spent.items()},
+            "goodput": 1 - sum(self._spent.values()) / elapsed if timed else None,
             "samples": int(sum(s["samples"] for s in steps)),
             "nonfinite_steps": int(sum(m["skipped"] for m in ms)),
         }
         row.update({f"lr_{p}": v for p, v in lrs.items()})
         row.update({f"skipped_{r}": int(self.book.skips.get(r, 0)) for r in SKIP_REASONS})
         return row
+
+    def _warn_if_input_bound(self, row: dict) -> None:
+        """Says so when the run becomes input-bound (and again after it recovered)."""
+        if row["step_s"] is None:
+            return
+        share = row["data_wait_s"] / (row["step_s"] * len(self.steps))
+        bound = share > INPUT_BOUND
+        if bound and not self._input_bound:
+            print(f"\nwarning: input-bound at step {row['step']}: {share:.0%} of the last "
+                  f"{len(self.steps)} steps' time waited for data (over "
+                  f"{INPUT_BOUND:.0%}); more data.num_workers, a smaller data.window, or "
+                  "faster storage would feed the step", file=sys.stderr)
+        self._input_bound = bound

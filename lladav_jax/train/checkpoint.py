@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pathlib
 import signal
+import sys
 from typing import Any
 
 import grain
@@ -24,9 +25,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lladav_jax import paths
 from lladav_jax.checkpoints.modeldir import CHECKPOINTS_DIR
 from lladav_jax.train.bookkeeping import Bookkeeping
 from lladav_jax.train.step import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint of the workdir that does not restore."""
 
 
 class Checkpoints:
@@ -39,7 +45,7 @@ class Checkpoints:
             enable_async_checkpointing=asynchronous,
         )
         self.manager = ocp.CheckpointManager(
-            pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR,
+            paths.as_path(workdir) / CHECKPOINTS_DIR,  # Orbax writes gs:// itself
             options=options,
             item_handlers={
                 "params": ocp.StandardCheckpointHandler(),
@@ -84,6 +90,42 @@ class Checkpoints:
         ))
         return out.params, out.opt_state, Bookkeeping.from_json(out.meta)
 
+    def restore_latest(self, params_target: Any, opt_target: Any, data_iterator: Any, *,
+                       fallback: bool) -> tuple[int, tuple[Any, Any, Bookkeeping]] | None:
+        """(step, `restore`'s result) of the latest checkpoint that restores; None if there is
+        no checkpoint. A checkpoint that does not restore (a missing or damaged file) is named;
+        with `fallback`, the one before is tried and the bad ones newer than the one restored
+        are moved aside (`bad-STEP`: kept, and out of the way of the steps the run repeats);
+        without, or when none restores, a CheckpointError says what to do."""
+        bad: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.restore(step, params_target, opt_target, data_iterator)
+            except Exception as e:  # any failure: named, then the one before
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                bad.append((step, f"{type(e).__name__}: {first}"))
+                print(f"checkpoint {self.manager.directory / str(step)} does not restore: "
+                      f"{bad[-1][1]}", file=sys.stderr)
+                if not fallback:
+                    raise CheckpointError(
+                        f"checkpoint {self.manager.directory / str(step)} does not restore "
+                        f"({bad[-1][1]}); move it aside to resume from the one before, or "
+                        "set --config.train.on_bad_checkpoint=fallback") from e
+                continue
+            for b, _ in bad:
+                aside = self.manager.directory / f"bad-{b}"
+                (self.manager.directory / str(b)).rename(aside)
+                print(f"moved the checkpoint of step {b} to {aside}; resuming from step {step}",
+                      file=sys.stderr)
+            if bad:
+                self.manager.reload()
+            return step, restored
+        if bad:
+            raise CheckpointError(
+                f"no checkpoint in {self.manager.directory} restores: "
+                + "; ".join(f"step {b} ({why})" for b, why in bad))
+        return None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -92,7 +134,8 @@ class Checkpoints:
 
 
 class Preemption:
-    """Records SIGTERM; the loop checkpoints and stops at the next step boundary."""
+    """Records SIGTERM; the loop checkpoints and stops at the next step where the processes
+    agree on it."""
 
     def __init__(self):
         self.requested = False
@@ -101,10 +144,20 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
-        """Whether any process was told to stop (every process must stop at the same step)."""
+    def agreed(self, sync_point: bool) -> bool:
+        """Whether any process was told to stop; every process must stop at the same step.
+
+        One process: the flag, at every step. Several: agreeing takes a collective, and a
+        collective queues behind the steps already dispatched, so asking at every step would
+        make each host wait for its chips every step and lose asynchronous dispatch. So the
+        processes ask only at `sync_point`s, steps where the loop waits anyway (logging,
+        checkpoints) or every `train.preemption_check_every` steps: every process calls
+        this with the same `sync_point` at the same step. Set the interval so that it
+        takes well under the notice a preemption gives (about 30 s on Compute Engine)."""
         if jax.process_count() == 1:
             return self.requested
+        if not sync_point:
+            return False
         from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.array([self.requested]))

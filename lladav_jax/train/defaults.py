@@ -30,13 +30,16 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         mixture=[],  # for `mixture`: dicts of source, path, image_folder, split, weight
         size=4096,  # synthetic: samples in the train split
         eval_size=256,  # synthetic: held-out samples scored at the end
+        eval_path="",  # the held-out set of `eval.every` (synthetic runs: the test split)
+        eval_source="",  # its kind ("" = source's; llava_json for a mixture)
+        eval_split="test",  # tfds split of eval_path
         template="llava_llada",  # or plain (stage 1)
         system_prompt=DEFAULT_SYSTEM_PROMPT,
         overlong="drop",  # or truncate (after a whole answer, never inside one)
         seq_len=256,
         batch_size=16,  # global, split over processes, then over grad_accum micro-batches
         num_epochs=1,
-        window=256,  # samples featurized together for packing / length grouping
+        window=256,  # samples planned together (packing / length grouping)
         pack=False,
         group_by_length=True,
         length_buckets=(),  # batch lengths (default: seq_len / 4, / 2, seq_len)
@@ -64,7 +67,22 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         max_nonfinite_in_a_row=20,
         peak_tflops_per_device=0.0,  # 0: known chips by name; the CPU is measured
         progress_bar=True,
+        # Several processes agree on a preemption (SIGTERM) at logging and checkpoint steps
+        # and every this many steps (0: logging steps only); one process checks every step.
+        preemption_check_every=0,
+        on_bad_checkpoint="fallback",  # or fail: a latest checkpoint that does not restore
     ))
+    # Validation every `every` steps (0: none) on the held-out set (train/validation.py).
+    c.eval = ml_collections.ConfigDict(dict(
+        every=0,
+        samples=256,
+        t_grid=(0.1, 0.3, 0.5, 0.7, 0.9),  # masking rates of eval_loss
+        max_answer_tokens=8,  # answers scored for eval_accuracy
+        seed=0,
+    ))
+    # Weights & Biases (optional, `pip install wandb`): metrics rows go to `project` too.
+    # mode: online | offline (synced later with `wandb sync`) | disabled.
+    c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode="online"))
     # slices: TPU slices of a multislice job; the data axis spans them (DCN).
     # rules: (logical axis, mesh axes) pairs replacing the default logical-axis rules of those
     # names (scale/sharding.py DEFAULT_RULES); () keeps them all. Mesh axes: "data", "fsdp",

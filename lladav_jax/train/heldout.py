@@ -11,21 +11,11 @@ import numpy as np
 from flax import nnx
 
 from lladav_jax.data import pipeline
-from lladav_jax.data.example import Example, Skip
+from lladav_jax.data.example import Skip
 from lladav_jax.data.synthetic import SyntheticSource, chance_accuracy
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.train.inputs import make_featurizer
-
-
-def answer_span(example: Example, tokenizer: Tokenizer, answer: str) -> tuple[int, int] | None:
-    """[start, end) of the answer's tokens, just before the last <|eot_id|> (None if the
-    answer did not tokenize on its own there)."""
-    ids = tokenizer.encode(answer)
-    end = int(np.flatnonzero(example.tokens == tokenizer.eot_id)[-1])
-    start = end - len(ids)
-    if start < 0 or list(example.tokens[start:end]) != ids:
-        return None
-    return start, end
+from lladav_jax.train.validation import answer_span
 
 
 def masked_answer_accuracy(model: nnx.Module, config: ml_collections.ConfigDict,
@@ -37,7 +27,7 @@ def masked_answer_accuracy(model: nnx.Module, config: ml_collections.ConfigDict,
     for i in range(len(source)):
         raw = source[i]
         ex = featurize(raw)
-        span = None if isinstance(ex, Skip) else answer_span(ex, tokenizer, raw["answer"])
+        span = None if isinstance(ex, Skip) else answer_span(ex, tokenizer)
         if span is not None:
             items.append((ex, span, raw["question_type"]))
     forward = nnx.jit(lambda m, b: m(**b))

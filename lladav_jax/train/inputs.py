@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import ml_collections
-import numpy as np
 
 from lladav_jax.data import pipeline
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
-from lladav_jax.data.example import BATCH_KEYS
 from lladav_jax.data.featurize import Featurizer
 from lladav_jax.data.synthetic import SyntheticSource
 from lladav_jax.data.tokenizer import Tokenizer
@@ -22,7 +19,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.load(path) if path else load_demo_tokenizer()
 
 
-def _one_source(kind: str, spec, seed: int) -> Any:
+def one_source(kind: str, spec: Any, seed: int) -> Any:
+    """One source of `kind` from its settings (`path`, `image_folder`, `split`, `size`)."""
     if kind == "synthetic":
         return SyntheticSource(spec.get("size", 4096), split="train", seed=seed)
     if not spec.get("path"):
@@ -46,13 +44,13 @@ def _one_source(kind: str, spec, seed: int) -> Any:
 def make_source(data: ml_collections.ConfigDict) -> Any:
     """The random-access source the `data` settings name."""
     if data.source != "mixture":
-        return _one_source(data.source, data, data.seed)
+        return one_source(data.source, data, data.seed)
     from lladav_jax.data.sources.mixture import Mixture
 
     parts = list(data.mixture)
     if not parts:
         raise ValueError("data.source=mixture needs data.mixture: [{source, path, weight}, ...]")
-    sources = [_one_source(p["source"], p, data.seed) for p in parts]
+    sources = [one_source(p["source"], p, data.seed) for p in parts]
     return Mixture(sources, [float(p["weight"]) for p in parts], seed=data.seed,
                    names=[p.get("name") or p.get("path") or p["source"] for p in parts])
 
@@ -67,27 +65,16 @@ def make_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                  rows: Sequence[int] | None = None) -> tuple[grain.IterDataset, int]:
     """(batch iterator, source length).
 
-    Every process reads the same global stream of `data.batch_size`-row batches and keeps
-    `rows` of each (its share of the global batch; None = all). So the global batch, its
-    length bucket and the number of batches never depend on the process count: two processes
-    train exactly as one does, and none runs out of data before the others. The price is
-    that each process featurizes every sample. `num_samples` and `num_tokens` (non-padding
-    tokens) count the whole global batch."""
+    Every process plans the same global stream of `data.batch_size`-row batches (from cheap
+    measures of every sample) and featurizes only the samples of its `rows` of each batch (its
+    share of the global batch; None = all). So the global batch, its length bucket and the
+    number of batches never depend on the process count: two processes train exactly as one
+    does, and none runs out of data before the others. A batch holds the `BATCH_KEYS` of its
+    rows and, for the whole global batch, `num_samples`, `num_tokens` (non-padding) and
+    `num_tiles` (real image tiles); `skips` the plan found (the same on every process) and
+    `local_skips` found featurizing this process's rows (`data/pipeline.py`)."""
     d = config.data
     source = make_source(d)
     ds = pipeline.make_dataset(source, make_featurizer(config, tokenizer), config.model, d,
-                               pad_id=tokenizer.pad_id, process_index=0, process_count=1)
-    return ds.map(_KeepRows(None if rows is None else tuple(int(r) for r in rows))), len(source)
-
-
-@dataclasses.dataclass(frozen=True)
-class _KeepRows:
-    rows: tuple[int, ...] | None
-
-    def __call__(self, batch: dict) -> dict:
-        out = dict(batch)
-        out["num_tokens"] = np.int64((batch["segment_ids"] > 0).sum())
-        if self.rows is not None:
-            take = np.asarray(self.rows)
-            out.update({k: batch[k][take] for k in BATCH_KEYS})
-        return out
+                               pad_id=tokenizer.pad_id, rows=rows)
+    return ds, len(source)

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
+from lladav_jax import paths
 from lladav_jax.checkpoints import modeldir
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.models import flops, lladav
@@ -44,16 +46,19 @@ from lladav_jax.train.state import (
     replicated,
 )
 from lladav_jax.train.step import TrainState
+from lladav_jax.train.validation import make_validation
+from lladav_jax.train.wandb_log import WandbLog
 
 
-def _write_workdir_files(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+def _write_workdir_files(workdir: epath.Path, config: ml_collections.ConfigDict,
                          tokenizer: Tokenizer) -> None:
-    """config.json (the model) and the tokenizer: the workdir doubles as a model directory."""
+    """config.json (the model) and the tokenizer: the workdir doubles as a model directory
+    (local or a bucket URL: `lladav_jax.paths`)."""
     if jax.process_index() != 0:
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / modeldir.CONFIG_FILE).write_text(modeldir.config_to_json(config.model))
-    (workdir / modeldir.TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    paths.write_whole(workdir / modeldir.CONFIG_FILE, modeldir.config_to_json(config.model))
+    paths.write_whole(workdir / modeldir.TRAIN_CONFIG_FILE, config.to_json_best_effort(indent=2))
     tokenizer.save(workdir)
 
 
@@ -69,7 +74,7 @@ def _initial_params(config: ml_collections.ConfigDict, mesh: Mesh,
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the summary."""
     distributed.initialize_distributed(config.distributed)
-    workdir_path = pathlib.Path(workdir)
+    workdir_path = paths.as_path(workdir)  # a directory, or a bucket URL (gs://bucket/run)
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = sharding.logical_rules(config.mesh.get("rules"))
     check_batch(config, mesh)
@@ -82,6 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps = config.train.steps or math.ceil(
         source_len * config.data.num_epochs / config.data.batch_size)
     tx, schedules = optim.make_optimizer(config.optim, steps)
+    validation = make_validation(config, tokenizer, mesh, rules)
 
     ckpts = Checkpoints(workdir_path, every=config.train.checkpoint_every,
                         keep=config.train.keep_checkpoints,
@@ -92,39 +98,58 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = jit_train_step(graphdef, tx, tokenizer.mask_id,
                              jax.tree.map(lambda x: x.sharding, state))
 
-    writer = metrics.MetricsWriter(workdir_path, book.step, enabled=jax.process_index() == 0)
+    primary = jax.process_index() == 0
+    writer = metrics.MetricsWriter(workdir_path, book.step, enabled=primary)
+    wandb = WandbLog(config.wandb, str(workdir), config, enabled=primary)
     progress = _progress(config, steps, book.step)
-    window = LogWindow(book, writer, schedules,
+    window = LogWindow(book, [writer, wandb], schedules,
                        peak_flops=metrics.peak_flops_per_device(config.train.peak_tflops_per_device),
                        n_devices=jax.device_count(),
                        max_nonfinite_in_a_row=config.train.max_nonfinite_in_a_row,
                        progress=progress)
+
+    def save(step: int) -> None:
+        started = time.perf_counter()
+        book.settle()
+        writer.flush()  # the rows this checkpoint covers, in the bucket before it
+        ckpts.save_now(step, state, _params(graphdef, state, frozen), book, window.carry(),
+                       data_iter)
+        window.spend("checkpoint_s", time.perf_counter() - started)
+
+    def validate() -> dict:
+        started = time.perf_counter()
+        result = validation(graphdef, state.trainable, frozen)
+        window.spend("eval_s", time.perf_counter() - started)
+        return result
+
     preemption = Preemption()
+    check_every = config.train.preemption_check_every or config.train.log_every
     step = book.step
     try:
         with sharding.sharding_context(mesh, layout.rules):
             while step < steps:
+                started = time.perf_counter()
                 try:
                     batch = next(data_iter)
                 except StopIteration:
                     break
-                book.count_skips(batch.pop("skips"))
-                samples = int(batch.pop("num_samples"))  # of the global batch
-                real_tokens = int(batch.pop("num_tokens"))
-                shape = (batch_size, batch["tokens"].shape[1])
-                tiles = batch_size * batch["pixels"].shape[1]
+                window.spend("data_wait_s", time.perf_counter() - started)
+                counts = _batch_counts(config, batch, book)
+                # Dispatched, not waited for: the loop waits for the chips only at logging
+                # and checkpoint steps (and preemption checks on several processes).
                 state, m = step_fn(state, frozen,
                                    global_batch(batch, mesh, accum, batch_size, rules))
                 step += 1
-                window.add(m, samples=samples, tokens=real_tokens,
-                           flops=flops.flops_per_step(config.model, shape, tiles))
+                window.add(m, **counts)
                 progress.update(1)
-                stop = preemption.agreed()
-                if step % config.train.log_every == 0 or step == steps or stop:
-                    window.write_row(step)
-                if stop or ckpts.manager.should_save(step):
-                    ckpts.save_now(step, state, _params(graphdef, state, frozen), book,
-                                   window.carry(), data_iter)
+                evaluate = validation is not None and step % config.eval.every == 0
+                logging = step % config.train.log_every == 0 or step == steps or evaluate
+                saving = ckpts.manager.should_save(step)
+                stop = preemption.agreed(logging or saving or step % check_every == 0)
+                if logging or stop:
+                    window.write_row(step, validate() if evaluate else None)
+                if stop or saving:
+                    save(step)
                 if stop:
                     ckpts.wait()
                     print(f"\nSIGTERM: checkpointed step {step}; rerun the same command to "
@@ -132,14 +157,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     return {"step": step, "preempted": True}
         window.write_row(step)  # the data ran out inside a logging window: its steps' row
         if ckpts.latest_step() != step:
-            ckpts.save_now(step, state, _params(graphdef, state, frozen), book,
-                           window.carry(), data_iter)
+            save(step)
         ckpts.wait()
     finally:
         progress.close()
         preemption.restore()
         ckpts.close()
         writer.close()
+        wandb.close()
         if hasattr(data_iter, "close"):
             data_iter.close()
     return _finish(config, workdir_path, writer, nnx.merge(graphdef, state.trainable, frozen),
@@ -152,13 +177,33 @@ def _start(config: ml_collections.ConfigDict, mesh: Mesh, ckpts: Checkpoints,
     """(params, opt_state or None, bookkeeping): the initial ones, or those of the latest
     checkpoint, restored straight into the shards that abstract targets describe (and the
     data iterator set to where it was)."""
-    resume = ckpts.latest_step()
-    if resume is None:
+    if config.train.on_bad_checkpoint not in ("fallback", "fail"):
+        raise ValueError(f"train.on_bad_checkpoint {config.train.on_bad_checkpoint!r}: "
+                         "fallback or fail")
+    latest = ckpts.restore_latest(nnx.to_pure_dict(layout.sharded),
+                                  abstract_opt_state(tx, layout), data_iter,
+                                  fallback=config.train.on_bad_checkpoint == "fallback")
+    if latest is None:
         return _initial_params(config, mesh, layout.rules), None, Bookkeeping.start(config.seed)
-    params, opt_state, book = ckpts.restore(resume, nnx.to_pure_dict(layout.sharded),
-                                            abstract_opt_state(tx, layout), data_iter)
+    resume, (params, opt_state, book) = latest
     print(f"resumed from step {book.step} ({ckpts.manager.directory / str(resume)})")
     return params, opt_state, book
+
+
+def _batch_counts(config: ml_collections.ConfigDict, batch: dict,
+                  book: Bookkeeping) -> dict:
+    """Takes the host counts off a batch (skips to `book`); returns the global batch's samples,
+    non-padding tokens, and model FLOPs of the real work and as computed."""
+    book.count_skips(batch.pop("skips"))
+    book.count_skips(batch.pop("local_skips"), local=True)
+    samples, tokens = int(batch.pop("num_samples")), int(batch.pop("num_tokens"))
+    rows, length = config.data.batch_size, batch["tokens"].shape[1]
+    padded_tiles = rows * batch["pixels"].shape[1]
+    tiles = int(batch.pop("num_tiles"))
+    return {"samples": samples, "tokens": tokens,
+            # each sample attends to its own tokens (segments), on average tokens / samples
+            "flops": flops.model_flops(config.model, tokens, tokens / max(samples, 1), tiles),
+            "flops_padded": flops.flops_per_step(config.model, (rows, length), padded_tiles)}
 
 
 def _train_state(mesh: Mesh, layout: ModelLayout, tx: optax.GradientTransformation,
@@ -190,7 +235,7 @@ def _progress(config: ml_collections.ConfigDict, total: int, initial: int) -> An
                 disable=not config.train.progress_bar or jax.process_index() != 0)
 
 
-def _finish(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def _finish(config: ml_collections.ConfigDict, workdir: epath.Path,
             writer: metrics.MetricsWriter, model: nnx.Module, tokenizer: Tokenizer,
             step: int) -> dict:
     """The end of a run: loss curve, held-out accuracy (synthetic data), a summary."""
@@ -204,5 +249,5 @@ def _finish(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         summary.update(result)
         print(f"held-out masked-answer accuracy {result['accuracy']:.3f} on "
               f"{result['count']} samples (chance {result['chance']:.3f})")
-        (workdir / "eval.json").write_text(json.dumps(result, indent=2))
+        paths.write_whole(workdir / "eval.json", json.dumps(result, indent=2))
     return summary

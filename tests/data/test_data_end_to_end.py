@@ -13,7 +13,7 @@ import pytest
 
 from lladav_jax.data import pipeline
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
-from lladav_jax.data.example import SKIP_REASONS, Skip
+from lladav_jax.data.example import BATCH_KEYS, SKIP_REASONS, Skip
 from lladav_jax.data.featurize import Featurizer
 from lladav_jax.data.sources.array_record import ArrayRecordSource, pack
 from lladav_jax.data.sources.llava_json import LlavaJsonSource
@@ -37,21 +37,19 @@ def settings(**kw) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**base, **kw})
 
 
-def dataset(source, cfg, **kw):
+def dataset(source, cfg, rows=None, **kw):
     featurize = Featurizer(cfg, TOKENIZER, seq_len=SEQ_LEN)
-    return pipeline.make_dataset(
-        source, featurize, cfg, settings(**kw), pad_id=TOKENIZER.pad_id,
-        process_index=0, process_count=1,
-    )  # fmt: skip
+    return pipeline.make_dataset(source, featurize, cfg, settings(**kw), pad_id=TOKENIZER.pad_id,
+                                 rows=rows)
 
 
 def assert_same(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for n, (x, y) in enumerate(zip(a, b)):
         assert set(x) == set(y), n
-        assert x["skips"] == y["skips"], n
+        assert x["skips"] == y["skips"] and x["local_skips"] == y["local_skips"], n
         for k in x:
-            if k != "skips":
+            if k not in ("skips", "local_skips"):
                 np.testing.assert_array_equal(x[k], y[k], err_msg=f"batch {n}: {k}")
 
 
@@ -171,3 +169,27 @@ def test_bad_jsonl_entries_are_skipped_and_counted(dirty_jsonl):
     for reason in BAD_REASONS:
         assert f"{reason} 1" in message
     assert "nope.png" in message and "corrupt.png" in message
+
+
+def test_pixels_that_fail_after_a_good_header_are_padding_alike_for_1_and_2_processes():
+    """A PNG cut in half: its header measures, its pixels do not decode. Its planned row stays
+    padding and it counts as a local skip of the process holding that row; one process and
+    two give the same global batches."""
+    raws = [SyntheticSource(16)[i] for i in range(16)]
+    png = raws[5]["images"][0]
+    raws[5]["images"] = [png[: len(png) // 2]]
+    kw = dict(batch_size=4, window=16, pack=False)
+    whole = list(dataset(raws, tiny(), **kw))
+    assert sum(b["local_skips"]["corrupt_image"] for b in whole) == 1
+    assert sum(sum(b["skips"].values()) for b in whole) == 0  # the plan kept it
+    assert sum(b["num_samples"] for b in whole) == 16
+    filled = sum(int(b["segment_ids"].any(axis=1).sum()) for b in whole)
+    assert filled == 15  # one planned row left all padding
+    halves = [list(dataset(raws, tiny(), rows=rows, **kw)) for rows in ([0, 1], [2, 3])]
+    for b, (x, y) in zip(whole, zip(*halves)):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(np.concatenate([x[k], y[k]]), b[k], err_msg=k)
+        assert x["num_samples"] == y["num_samples"] == b["num_samples"]
+        assert x["skips"] == y["skips"] == b["skips"]
+    local = [sum(b["local_skips"]["corrupt_image"] for b in h) for h in halves]
+    assert sorted(local) == [0, 1]

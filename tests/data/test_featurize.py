@@ -9,7 +9,7 @@ from PIL import Image
 
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.data.example import Example, Skip
-from lladav_jax.data.featurize import Featurizer, ImageLoadError, load_image
+from lladav_jax.data.featurize import Featurizer, ImageLoadError, image_size, load_image
 from lladav_jax.data.layout import num_visual_tokens
 from lladav_jax.data.template import llava_llada
 from lladav_jax.models.variants import model_config
@@ -311,6 +311,40 @@ def test_transparency_composited_over_white():
     pal.info["transparency"] = 1
     px = np.asarray(load_image(encoded(pal, transparency=1)))
     assert px[0, 0].tolist() == [255, 255, 255]
+
+
+def test_measure_reads_sizes_from_headers(feat, tmp_path):
+    """The measure step opens headers only; its sizes and tokens are what full featurizing
+    gives (EXIF orientation included), and a truncated file measures but fails its pixels."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 60 x 90
+    rotated = encoded(picture(), "JPEG", exif=exif.tobytes(), quality=95)
+    (tmp_path / "a.png").write_bytes(PNG)
+    for ref, size in [(PNG, (90, 60)), (rotated, (60, 90)), (str(tmp_path / "a.png"), (90, 60)),
+                      (encoded(picture(40, 120), "WEBP"), (40, 120))]:
+        assert image_size(ref) == size == load_image(ref).size
+        m = feat.measure(sample(images=[ref]))
+        ex = feat(sample(images=[ref]))
+        assert m.image_sizes == (size,) and len(m) == len(ex)
+        np.testing.assert_array_equal(m.tokens, ex.tokens)
+        assert m.image_tokens == (ex.images[0].layout.num_tokens,)
+        assert m.image_tiles == (ex.images[0].tiles.shape[0],)
+    big = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 80, 3), np.uint8)))
+    cut = sample(images=[big[: len(big) // 2]])
+    m = feat.measure(cut)
+    assert m.image_sizes == ((80, 80),)
+    skipped(feat.add_pixels(m, cut), "corrupt_image", "img0.png")
+
+
+def test_sizes_a_source_gives(feat):
+    """`_image_sizes` spares the headers; a size the pixels then contradict is a skip when
+    they are added, and a malformed one is a skip when measured."""
+    m = feat.measure(sample(images=[b"not even read"], _image_sizes=[[90, 60]]))
+    assert m.image_sizes == ((90, 60),)
+    lying = sample(_image_sizes=[[60, 90]])
+    skipped(feat.add_pixels(feat.measure(lying), lying), "corrupt_image", "header says 60x90")
+    for bad in ([[90]], [[90, 60], [1, 1]], [[0, 60]], "90x60", [[90.0, 60]]):
+        skipped(feat.measure(sample(_image_sizes=bad)), "malformed", "_image_sizes")
 
 
 def test_exif_rotation_applied(feat):

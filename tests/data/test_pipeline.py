@@ -1,4 +1,4 @@
-"""The Grain pipeline: exact resume with workers, disjoint process shares, packing, skips."""
+"""The Grain pipeline: exact resume with workers, rows split over processes, packing, skips."""
 
 import os
 import subprocess
@@ -11,22 +11,33 @@ from flax import nnx
 from PIL import Image
 
 from lladav_jax.data import pipeline
-from lladav_jax.data.example import Example, Skip
+from lladav_jax.data.example import Example, Measured, Skip
 from lladav_jax.data.image import process_image
 from lladav_jax.models import lladav, variants
 
 CFG = variants.model_config("tiny")
 
 
-def fake_featurize(raw: dict):
-    """Sample i -> i in the first token, a length from i; every 7th is a corrupt image."""
-    i = raw["id"]
-    if i % 7 == 3:
-        return Skip("corrupt_image", str(i), f"img{i}.png")
-    n = 5 + (i * 37) % 40
-    tokens = np.full(n, 10, np.int32)
-    tokens[0] = 100 + i
-    return Example(str(i), tokens, np.arange(n) % 2 == 0)
+class FakeFeaturizer:
+    """Sample i -> i in the first token, a length from i; every 7th is a corrupt image (found
+    by the measure), and the ids in `bad_pixels` fail only when their pixels are added."""
+
+    def __init__(self, bad_pixels=()):
+        self.bad_pixels = frozenset(bad_pixels)
+
+    def measure(self, raw: dict):
+        i = raw["id"]
+        if i % 7 == 3:
+            return Skip("corrupt_image", str(i), f"img{i}.png")
+        n = 5 + (i * 37) % 40
+        tokens = np.full(n, 10, np.int32)
+        tokens[0] = 100 + i
+        return Measured(str(i), tokens, np.arange(n) % 2 == 0)
+
+    def add_pixels(self, measured: Measured, raw: dict):
+        if raw["id"] in self.bad_pixels:
+            return Skip("corrupt_image", measured.sample_id, "truncated")
+        return Example(measured.sample_id, measured.tokens, measured.targets)
 
 
 def settings(**kw) -> ml_collections.ConfigDict:
@@ -36,10 +47,10 @@ def settings(**kw) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**base, **kw})
 
 
-def run(n: int = 100, index: int = 0, count: int = 1, **kw):
+def run(n: int = 100, rows=None, bad_pixels=(), **kw):
     src = [{"id": i} for i in range(n)]
-    return pipeline.make_dataset(src, fake_featurize, CFG, settings(**kw), pad_id=0,
-                                 process_index=index, process_count=count)
+    return pipeline.make_dataset(src, FakeFeaturizer(bad_pixels), CFG, settings(**kw), pad_id=0,
+                                 rows=rows)
 
 
 def sample_ids(batches) -> list[int]:
@@ -54,7 +65,7 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
         for k in x:
-            if k == "skips":
+            if k in ("skips", "local_skips"):
                 assert x[k] == y[k]
             else:
                 np.testing.assert_array_equal(x[k], y[k], err_msg=k)
@@ -62,17 +73,20 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_restore_gives_the_uninterrupted_batches_with_workers():
-    whole = list(run(num_epochs=2, num_workers=2))
-    it = iter(run(num_epochs=2, num_workers=2))
+    kw = dict(num_epochs=2, rows=[1, 3], bad_pixels={5, 40})  # a process's rows, local skips
+    whole_it = iter(run(num_workers=2, **kw))
+    whole = list(whole_it)
+    it = iter(run(num_workers=2, **kw))
     head = [next(it) for _ in range(7)]
     state = it.get_state()
     it.close()
-    resumed = iter(run(num_epochs=2, num_workers=2))
+    resumed = iter(run(num_workers=2, **kw))
     resumed.set_state(state)
     assert_same(head + list(resumed), whole)
+    assert resumed.featurized == whole_it.featurized  # the count resumes too
     # Workers change nothing about the batches, and a state restores under another count.
-    assert_same(list(run(num_epochs=2, num_workers=0)), whole)
-    other = iter(run(num_epochs=2, num_workers=0))
+    assert_same(list(run(num_workers=0, **kw)), whole)
+    other = iter(run(num_workers=0, **kw))
     other.set_state(state)
     assert_same(head + list(other), whole)
 
@@ -87,24 +101,27 @@ import ml_collections
 import numpy as np
 
 from lladav_jax.data import pipeline
-from lladav_jax.data.example import Example
+from lladav_jax.data.example import Example, Measured
 from lladav_jax.models import variants
 
 KEPT = []
 
 
-def featurize(raw):
-    n = 5 + raw["id"] % 40
-    return Example(str(raw["id"]), np.full(n, 10, np.int32), np.ones(n, bool))
+class Featurizer:
+    def measure(self, raw):
+        n = 5 + raw["id"] % 40
+        return Measured(str(raw["id"]), np.full(n, 10, np.int32), np.ones(n, bool))
+
+    def add_pixels(self, measured, raw):
+        return Example(measured.sample_id, measured.tokens, measured.targets)
 
 
 def main(how):
     data = ml_collections.ConfigDict(dict(
         seq_len=64, batch_size=4, seed=1, num_epochs=1, window=64, pack=True,
         group_by_length=False, num_workers=1, max_skip_fraction=0.5, min_seen_for_abort=10))
-    it = iter(pipeline.make_dataset([{"id": i} for i in range(256)], featurize,
-                                    variants.model_config("tiny"), data, pad_id=0,
-                                    process_index=0, process_count=1))
+    it = iter(pipeline.make_dataset([{"id": i} for i in range(256)], Featurizer(),
+                                    variants.model_config("tiny"), data, pad_id=0))
     held = [next(it) for _ in range(20)]
     if how == "close":
         it.close()
@@ -133,12 +150,49 @@ def test_worker_shared_memory_is_released_by_exit(tmp_path, how):
     assert "Exception ignored" not in p.stderr, p.stderr[-3000:]  # Grain's, at teardown
 
 
-def test_processes_see_disjoint_shares_covering_the_epoch():
-    kept = {i for i in range(100) if i % 7 != 3}
-    shares = [sample_ids(run(index=p, count=2)) for p in range(2)]
-    assert not set(shares[0]) & set(shares[1])
-    assert set(shares[0]) | set(shares[1]) == kept
-    assert sorted(shares[0] + shares[1]) == sorted(kept)  # each exactly once
+@pytest.mark.parametrize("pack", [True, False])
+def test_rows_split_over_processes_make_the_one_process_batches(pack):
+    """Each 'process' gets its rows of every batch, featurizing only their samples; put
+    together they are the one-process batches, with the same global counts and skips."""
+    whole_it = iter(run(pack=pack, bad_pixels={5, 40}))
+    whole = list(whole_it)
+    splits = {2: [[0, 1], [2, 3]], 4: [[0], [1], [2], [3]]}
+    for n, parts in splits.items():
+        its = [iter(run(pack=pack, rows=rows, bad_pixels={5, 40})) for rows in parts]
+        got = [list(it) for it in its]
+        assert all(len(g) == len(whole) for g in got)
+        for b, pieces in zip(whole, zip(*got)):
+            for k in b:
+                if k in ("skips", "local_skips"):
+                    continue
+                if k.startswith("num_"):
+                    assert all(p[k] == b[k] for p in pieces), k
+                else:
+                    np.testing.assert_array_equal(np.concatenate([p[k] for p in pieces]), b[k])
+            assert all(p["skips"] == b["skips"] for p in pieces)  # the plan's: global
+        local = [sum(bt["local_skips"]["corrupt_image"] for bt in g) for g in got]
+        assert sum(local) == 2 == sum(b["local_skips"]["corrupt_image"] for b in whole)
+        featurized = [it.featurized for it in its]
+        assert sum(featurized) == whole_it.featurized == 86  # every kept sample, once
+        # An equal share of rows: at most 1/n of the samples plus a window's worth.
+        assert max(featurized) <= 86 / n + settings().window, featurized
+
+
+def test_pixel_failures_are_padding_where_planned():
+    """A sample whose pixels fail keeps its planned place as padding, counted as a local skip;
+    the other samples of its row stay where the plan put them."""
+    good, bad = list(run()), list(run(bad_pixels={5}))
+    assert sum(b["local_skips"]["corrupt_image"] for b in bad) == 1
+    assert sample_ids(bad) == [i for i in sample_ids(good) if i != 5]
+    holes = 0
+    for g, b in zip(good, bad):
+        assert g["num_samples"] == b["num_samples"] and g["num_tokens"] == b["num_tokens"]
+        hole = (g["segment_ids"] > 0) & (b["segment_ids"] == 0)
+        holes += int(hole.sum())
+        assert not (b["targets"] & hole).any()
+        for k in ("tokens", "targets", "positions", "segment_ids"):
+            np.testing.assert_array_equal(np.where(hole, 0, g[k]), np.where(hole, 0, b[k]), k)
+    assert holes == 5 + (5 * 37) % 40  # exactly sample 5's tokens
 
 
 def test_epochs_are_reshuffled_and_complete():
@@ -158,6 +212,16 @@ def test_skips_are_counted_and_abort_names_the_reasons():
     named = r"corrupt_image \d+; e.g. \d+ \(corrupt_image: img\d+.png\)"
     with pytest.raises(pipeline.DataQualityError, match=named):
         list(run(max_skip_fraction=0.05))
+
+
+def test_pixel_failures_count_towards_the_abort():
+    bad = set(range(0, 100, 3))  # a third of the samples: 29 of them kept by the measure
+    with pytest.raises(pipeline.DataQualityError, match="corrupt_image"):
+        list(run(bad_pixels=bad, max_skip_fraction=0.3))
+    # A process of two estimates the share from the samples it featurized.
+    with pytest.raises(pipeline.DataQualityError, match="corrupt_image"):
+        list(run(bad_pixels=bad, rows=[0, 1], max_skip_fraction=0.3))
+    assert len(list(run(bad_pixels=bad, rows=[0, 1], max_skip_fraction=0.5))) > 0
 
 
 def test_packing_and_grouping_cut_padding():

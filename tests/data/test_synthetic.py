@@ -120,6 +120,25 @@ def test_source_protocol():
     assert list(ds) == [SyntheticSource(6)[i]["id"] for i in range(6)]
 
 
+def test_header_measures_as_the_full_sample():
+    """`header` (no image drawn) measures exactly as the sample itself and as its PNG's own
+    header; the pixels then match the measure."""
+    tok = load_demo_tokenizer()
+    feat = Featurizer(model_config("tiny"), tok, seq_len=512)
+    src = SyntheticSource(8)
+    for i in range(8):
+        full, head = src[i], src.header(i)
+        assert "images" not in head and "_image_sizes" not in full
+        assert head == {**{k: v for k, v in full.items() if k != "images"},
+                        "_image_sizes": head["_image_sizes"]}
+        measures = [feat.measure(r) for r in (head, full)]
+        for m in measures[1:]:
+            assert m.image_sizes == measures[0].image_sizes
+            np.testing.assert_array_equal(m.tokens, measures[0].tokens)
+        ex = feat.add_pixels(measures[0], full)
+        assert isinstance(ex, Example) and ex.images[0].size == measures[0].image_sizes[0]
+
+
 def test_featurizes_with_both_templates():
     tok = load_demo_tokenizer()
     cfg = model_config("tiny")
@@ -149,7 +168,7 @@ def test_write_llava_json(tmp_path, name):
     for i, row in enumerate(rows):
         mem = src[i]
         assert row["conversations"] == mem["conversations"] and row["id"] == mem["id"]
-        assert "images" not in row
+        assert "images" not in row and "_image_sizes" not in row
         assert (tmp_path / "images" / row["image"]).read_bytes() == mem["images"][0]
         from_disk = feat({**row, "images": [str(tmp_path / "images" / row["image"])]})
         np.testing.assert_array_equal(from_disk.tokens, feat(mem).tokens)

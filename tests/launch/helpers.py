@@ -11,7 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["common.sh", "tpu.sh", "slurm.sh", "slurm_gpu.sbatch"]
 TPU = ["--name", "lla", "--zone", "us-east5-a"]
-TRAIN = ["--config", "configs/stage2a.py", "--workdir", "/mnt/gcs/runs/s2a"]
+TRAIN = ["--config", "configs/stage2a.py", "--workdir", "/mnt/gcs/runs/s2a"]  # a shared directory
+TRAIN_GS = ["--config", "configs/stage2a.py", "--workdir", "gs://bkt/runs/s2a"]  # in a bucket
 OVERRIDES = ["--config.data.path=/mnt/gcs/data/*", "--config.init_from=/mnt/gcs/stage1"]
 SEP = "\x1f"
 

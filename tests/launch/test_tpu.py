@@ -18,7 +18,17 @@ import time
 import pytest
 
 from lladav_jax.scale import distributed
-from tests.launch.helpers import OVERRIDES, REPO, TPU, TRAIN, commands, dry_tpu, launch, remote
+from tests.launch.helpers import (
+    OVERRIDES,
+    REPO,
+    TPU,
+    TRAIN,
+    TRAIN_GS,
+    commands,
+    dry_tpu,
+    launch,
+    remote,
+)
 
 # --- create ----------------------------------------------------------------------------------
 
@@ -76,6 +86,13 @@ def test_setup_copies_this_checkout_to_every_worker():
     assert positions == sorted(positions)
 
 
+def test_setup_without_a_bucket_mounts_nothing():
+    *_, ssh = dry_tpu("setup", *TPU)
+    script = remote(ssh)
+    assert "gcsfuse" not in script and "mountpoint" not in script
+    assert 'uv" pip install' in script
+
+
 def test_setup_tarball_holds_the_checkout(calls):
     proc = launch("tpu.sh", "setup", *TPU, "--bucket", "bkt")
     tar, scp, ssh = calls()
@@ -103,16 +120,35 @@ def test_setup_clones_a_git_source():
 
 
 def test_train_starts_the_same_command_on_every_worker():
-    (ssh,) = dry_tpu("train", *TPU, *TRAIN, train=OVERRIDES)
+    (ssh,) = dry_tpu("train", *TPU, *TRAIN_GS, train=OVERRIDES)
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lla"]
     assert "--worker=all" in ssh
     script = remote(ssh)
     assert ('nohup "$HOME/lladav-venv"/bin/lladav-train --config configs/stage2a.py '
-            "--workdir /mnt/gcs/runs/s2a --config.data.path=/mnt/gcs/data/\\* "
+            "--workdir gs://bkt/runs/s2a --config.data.path=/mnt/gcs/data/\\* "
             "--config.init_from=/mnt/gcs/stage1 >> \"$HOME/lladav-train.log\" 2>&1 < /dev/null &"
             ) in script
     assert "mesh.slices" not in script
     assert "LLADAV_DISTRIBUTED=1 " in script  # every host starts jax.distributed
+    assert "JAX_COMPILATION_CACHE_DIR=gs://bkt/jax-cache " in script  # the workdir's bucket
+    assert "mountpoint -q /mnt/gcs" in script  # the data lie under the mount
+
+
+def test_train_workdir_defaults_to_the_bucket_and_needs_no_mount():
+    (ssh,) = dry_tpu("train", *TPU, "--config", "configs/stage2a.py", "--bucket", "gs://bkt/",
+                     train=["--config.data.path=gs://bkt/data"])
+    script = remote(ssh)
+    assert "--workdir gs://bkt/runs/stage2a --config.data.path=gs://bkt/data >>" in script
+    assert "JAX_COMPILATION_CACHE_DIR=gs://bkt/jax-cache " in script
+    assert "mountpoint" not in script  # nothing it names lies under the mount
+
+
+def test_train_in_a_workdir_under_the_mount():
+    (ssh,) = dry_tpu("train", *TPU, *TRAIN)
+    script = remote(ssh)
+    assert "--workdir /mnt/gcs/runs/s2a >>" in script
+    assert "JAX_COMPILATION_CACHE_DIR=/mnt/gcs/jax-cache " in script
+    assert "mountpoint -q /mnt/gcs" in script
 
 
 def test_launch_environment_starts_jax_distributed(monkeypatch):
@@ -170,7 +206,7 @@ def on_worker(script, env):
 
 def test_train_and_stop_commands_work_on_a_worker(worker):
     env, home = worker
-    (ssh,) = dry_tpu("train", *TPU, *TRAIN, "--env", "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b",
+    (ssh,) = dry_tpu("train", *TPU, *TRAIN_GS, "--env", "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b",
                      train=[*OVERRIDES, "--config.data.system_prompt=It's a test"])
     (stop,) = dry_tpu("stop", *TPU)
 
@@ -183,11 +219,12 @@ def test_train_and_stop_commands_work_on_a_worker(worker):
     assert first.returncode == 0, first.stderr
     assert time.monotonic() - started < 10  # returned while the training runs on
     assert wait_for(home / "args").splitlines() == [
-        str(home / "lladav-jax"), *TRAIN, *OVERRIDES, "--config.data.system_prompt=It's a test"]
+        str(home / "lladav-jax"), *TRAIN_GS, *OVERRIDES,
+        "--config.data.system_prompt=It's a test"]
     environment = (home / "env").read_text().splitlines()
     assert "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b" in environment
     assert "PYTHONUNBUFFERED=1" in environment
-    assert "JAX_COMPILATION_CACHE_DIR=/mnt/gcs/jax-cache" in environment
+    assert "JAX_COMPILATION_CACHE_DIR=gs://bkt/jax-cache" in environment
     pid = int((home / "lladav-train.pid").read_text())
     os.kill(pid, 0)  # running
 
@@ -238,7 +275,7 @@ def test_status_and_delete():
 
 def test_multislice_is_one_queued_resource_of_n_nodes():
     cmds = dry_tpu("all", *TPU, "--accelerator", "v5p-64", "--slices", "4", "--spot",
-                   "--bucket", "bkt", *TRAIN, train=OVERRIDES)
+                   "--bucket", "bkt", *TRAIN_GS, train=OVERRIDES)
     create, describe, tar, scp, setup, train = cmds
     assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "lla"]
     assert {"--accelerator-type=v5p-64", "--node-count=4", "--node-prefix=lla", "--spot"} <= \
@@ -251,7 +288,7 @@ def test_multislice_is_one_queued_resource_of_n_nodes():
     for cmd in (scp, setup, train):
         assert "--node=all" in cmd and "--worker=all" in cmd
     # The data axis spans the slices; the user's overrides come after, so they win.
-    assert ("--workdir /mnt/gcs/runs/s2a --config.mesh.slices=4 --config.mesh.data=4 "
+    assert ("--workdir gs://bkt/runs/s2a --config.mesh.slices=4 --config.mesh.data=4 "
             "--config.data.path=") in remote(train)
     (logs,) = dry_tpu("logs", *TPU, "--slices", "4")
     assert "--node=0" in logs and "--worker=0" in logs

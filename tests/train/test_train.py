@@ -1,8 +1,8 @@
 """The trainer's promises (issue 4, "What must hold"), on the tiny model and synthetic data.
 
 Training runs are `python -m lladav_jax.train` / `lladav-train` subprocesses, as a user runs
-them: SIGTERM goes to a real process, the device count is set per run (1, 8, or 2 processes of
-1), and a crash fails one test, not the session. Run A (one device, 8 steps) is the reference
+them: SIGTERM goes to a real process, the device count is set per run (1, 8, or 4 processes of
+2), and a crash fails one test, not the session. Run A (one device, 8 steps) is the reference
 the others are compared with; the one-device runs share a persistent compilation cache, so
 repeating a program costs no compile.
 """
@@ -24,6 +24,7 @@ import pytest
 from flax import nnx
 
 from lladav_jax.checkpoints import modeldir
+from lladav_jax.data.example import BATCH_KEYS
 from lladav_jax.scale import sharding
 from lladav_jax.train.defaults import base_config
 from lladav_jax.train.inputs import load_tokenizer, make_batches
@@ -295,30 +296,56 @@ def free_port() -> int:
 
 
 def test_global_batch_does_not_depend_on_the_process_count():
-    """Every process reads the same global batches and keeps its rows: the rows of two
-    processes, put together, are the one-process batch."""
+    """Every process plans the same global batches and featurizes only the samples of its
+    rows: the rows of 2 or 4 processes, put together, are the one-process batch (every array,
+    the global counts, the skips), and each process featurized its share of the samples."""
     cfg, tok = small_config(), load_tokenizer("")
-    whole = next(iter(make_batches(cfg, tok)[0]))
-    halves = [next(iter(make_batches(cfg, tok, rows)[0])) for rows in ([0, 1, 2, 3],
-                                                                       [4, 5, 6, 7])]
-    for k in ("tokens", "targets", "segment_ids", "pixels", "visual_pos"):
-        np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), whole[k])
-    assert int(whole["num_samples"]) == int(halves[0]["num_samples"]) == 8
+    whole_it = iter(make_batches(cfg, tok)[0])
+    whole = list(whole_it)
+    assert len(whole) == 12 and whole_it.featurized == 96  # every sample, once
+    # Contiguous rows for 2 processes, interleaved ones for 4 (as a mesh may order them).
+    for parts in ([[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 4], [1, 5], [2, 6], [3, 7]]):
+        its = [iter(make_batches(cfg, tok, rows)[0]) for rows in parts]
+        got = [list(it) for it in its]
+        assert [len(g) for g in got] == [len(whole)] * len(parts)
+        for b, pieces in zip(whole, zip(*got)):
+            for k, v in b.items():
+                if k in BATCH_KEYS:
+                    put = np.zeros_like(v)
+                    for rows, piece in zip(parts, pieces):
+                        assert piece[k].shape[0] == len(rows)
+                        put[rows] = piece[k]
+                    np.testing.assert_array_equal(put, v, err_msg=k)
+                elif k == "local_skips":  # counted by whoever featurized
+                    assert sum(p[k]["corrupt_image"] for p in pieces) == v["corrupt_image"]
+                else:  # num_samples, num_tokens, num_tiles, skips: global
+                    assert all(p[k] == v for p in pieces), k
+        featurized = [it.featurized for it in its]
+        assert sum(featurized) == 96 and max(featurized) <= 96 / len(parts), featurized
+    assert int(whole[0]["num_samples"]) == 8
+    for b in whole:  # real tiles are never all zeros once normalised; padding tiles are
+        assert b["num_tiles"] == int(b["pixels"].any(axis=(2, 3, 4)).sum())
+
+
+PROCESSES = 4  # of 2 simulated CPU devices each
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one(run_a, config_file, env, tmp_path):
-    """2 processes (1 CPU device each, collectives over gloo) on a data=2 mesh: the same
-    losses as one process with the same global batch."""
+def test_four_processes_of_two_devices_train_as_one(run_a, config_file, env, tmp_path):
+    """4 processes of 2 CPU devices each (collectives over gloo) on a data=8 mesh: the losses
+    of one process (on 1 device, which trains as 8 do: the test above), and each process
+    featurized only the samples of its rows (its Grain state in the checkpoint counts them)."""
     workdir, port = tmp_path / "mh", free_port()
     flags = ["--config.mesh.data=-1", "--config.mesh.fsdp=1",
              "--config.distributed.mode=explicit",
              f"--config.distributed.coordinator=127.0.0.1:{port}",
-             "--config.distributed.num_processes=2"]
-    # No shared compilation cache: two processes would write the same entries at once.
+             f"--config.distributed.num_processes={PROCESSES}"]
+    # No shared compilation cache: the processes would write the same entries at once.
     e = {k: v for k, v in env.items() if not k.startswith("JAX_PERSISTENT_CACHE")
          and k != "JAX_COMPILATION_CACHE_DIR"}
-    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    e["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
+                      "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+    logs = [tmp_path / f"process{i}.log" for i in range(PROCESSES)]
     procs = []
     try:
         for i, log in enumerate(logs):
@@ -326,7 +353,7 @@ def test_two_processes_train_as_one(run_a, config_file, env, tmp_path):
                 procs.append(subprocess.Popen(
                     command(config_file, workdir, *flags, f"--config.distributed.process_id={i}"),
                     env=e, stdout=out, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 600
         for p in procs:
             p.wait(timeout=max(deadline - time.monotonic(), 1))
     finally:
@@ -337,10 +364,15 @@ def test_two_processes_train_as_one(run_a, config_file, env, tmp_path):
         assert p.returncode == 0, f"{log.name}: exit {p.returncode}\n{log.read_text()[-5000:]}"
     assert_one_row_per_step(workdir)
     np.testing.assert_allclose(losses(workdir), losses(run_a), rtol=1e-4)
-    # One job of two processes (each saved its Grain state), not two one-process runs.
+    # One job of four processes, each with its own Grain state.
     data = workdir / "checkpoints" / str(STEPS) / "data"
-    assert sorted(f.name for f in data.glob("*.json")) == ["process_0-of-2.json",
-                                                            "process_1-of-2.json"]
+    states = {f.name: json.loads(f.read_text()) for f in data.glob("*.json")}
+    assert sorted(states) == [f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)]
+    featurized = [s["featurized"] for s in states.values()]
+    trained = sum(r["samples"] for r in rows_of(workdir))  # the global batches' samples
+    window = SMALL["data.window"]
+    assert sum(featurized) == trained  # each sample by one process
+    assert max(featurized) <= trained / PROCESSES + window, featurized
 
 
 def test_a_mesh_that_does_not_fit_fails_before_training(tmp_path):
