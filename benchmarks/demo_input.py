@@ -7,8 +7,9 @@ One leg runs the trainer (`train.loop.train`) on configs/demo.py in this process
 batch iterator wrapped to time every `next()`: the data-wait share is the time spent in
 `next()` over the loop's wall time (first `next()` to the last batch; the first batch, which
 waits for the worker's start-up and first window, is reported apart). Also: the number of
-waits over 0.1 s (stalls), the total wall time of `train` (compile and the held-out score
-included), and the held-out masked-answer accuracy.
+waits over 0.1 s (stalls), the total wall and CPU time of `train` (compile and the held-out
+score included; CPU of this process and its joined worker processes: steadier than wall time on
+a shared machine), and the held-out masked-answer accuracy.
 
 `--legs NAME=TREE[;KEY=VALUE...] ...` runs each leg in a subprocess with `PYTHONPATH=TREE` and
 TREE's configs/demo.py (e.g. the code before a change: `git archive HEAD | tar -x -C
@@ -50,6 +51,12 @@ def _load_config(tree: str, steps: int, overrides: list[str]):
             node = node[p]
         node[leaf] = type(node[leaf])(json.loads(value)) if node[leaf] is not None else value
     return config
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its joined children (a Grain worker, once closed)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def one_leg(tree: str, steps: int, overrides: list[str], cached: int = 0) -> dict:
@@ -121,9 +128,9 @@ def one_leg(tree: str, steps: int, overrides: list[str], cached: int = 0) -> dic
                                                                                              **k))
     config = _load_config(tree, steps, overrides)
     with tempfile.TemporaryDirectory() as workdir:
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), _cpu_seconds()
         summary = loop.train(config, workdir)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
     waits = waits[: summary["step"]]  # the loop's (a last next() may meet the end)
     first = waits[0][1]
     end = waits[-1][0] + waits[-1][1]
@@ -131,7 +138,7 @@ def one_leg(tree: str, steps: int, overrides: list[str], cached: int = 0) -> dic
     after_first = end - (waits[0][0] + first)
     rest = [w for _, w in waits[1:]]
     return {
-        "steps": summary["step"], "wall_s": wall, "loop_s": loop_s,
+        "steps": summary["step"], "wall_s": wall, "cpu_s": cpu, "loop_s": loop_s,
         "first_batch_s": first, "wait_s": first + sum(rest),
         "wait_share": (first + sum(rest)) / loop_s,
         "wait_share_after_first": sum(rest) / after_first,
@@ -142,7 +149,8 @@ def one_leg(tree: str, steps: int, overrides: list[str], cached: int = 0) -> dic
 
 
 def _table(results: dict[str, list[dict]]) -> str:
-    keys = [("wall_s", "wall s", "{:.1f}"), ("loop_s", "loop s", "{:.1f}"),
+    keys = [("wall_s", "wall s", "{:.1f}"), ("cpu_s", "CPU s", "{:.0f}"),
+            ("loop_s", "loop s", "{:.1f}"),
             ("first_batch_s", "first batch s", "{:.2f}"), ("wait_share", "data-wait share",
                                                           "{:.3f}"),
             ("wait_share_after_first", "... after the first batch", "{:.3f}"),
@@ -154,7 +162,7 @@ def _table(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         cells = []
         for key, _, fmt in keys:
-            vals = [r[key] for r in runs if r[key] is not None]
+            vals = [r[key] for r in runs if r.get(key) is not None]
             if not vals:
                 cells.append("-")
                 continue

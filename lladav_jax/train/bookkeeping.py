@@ -7,8 +7,9 @@ into one row of metrics.jsonl; a window a checkpoint cut in two is saved with it
 values), so a resumed run writes the same rows as an uninterrupted one.
 
 Where the time went (goodput): each row splits the window's wall time into waiting for data
-(host time in `next()` of the input pipeline: in an input-bound run, the time the chips
-idle), writing checkpoints, validation, and the rest, the steps; `goodput` is the steps'
+(the time in `next()` of the input pipeline after the chips had finished every step
+dispatched, `StepClock`: the host dispatches ahead, so a wait while the chips still work costs
+nothing), writing checkpoints, validation, and the rest, the steps; `goodput` is the steps'
 share. MFU counts real work (non-padding tokens, each attending to its own sample, and real
 image tiles); `mfu_padded` what the chips computed.
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import queue
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -29,6 +32,40 @@ from lladav_jax.data.example import SKIP_REASONS
 
 TIMERS = ("data_wait_s", "checkpoint_s", "eval_s")  # the window's time outside the steps
 INPUT_BOUND = 0.1  # a window waiting for data more than this share of its time is input-bound
+
+
+class StepClock:
+    """When the chips finished the last dispatched step, seen by a thread that waits for each
+    step's result (the loop never does between logging steps)."""
+
+    def __init__(self):
+        self._steps: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running, self._done_at = 0, -float("inf")
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def dispatched(self, result: Any) -> None:
+        """A step was dispatched; `result` is one of its outputs."""
+        with self._lock:
+            self._running += 1
+        self._steps.put(result)
+
+    def _watch(self) -> None:
+        while (result := self._steps.get()) is not None:
+            jax.block_until_ready(result)
+            with self._lock:
+                self._running -= 1
+                self._done_at = time.perf_counter()
+
+    def idle_since(self) -> float | None:
+        """perf_counter time since which the chips have had nothing to do; None if busy."""
+        with self._lock:
+            return self._done_at if self._running == 0 else None
+
+    def close(self) -> None:
+        self._steps.put(None)
+        self._thread.join()
 
 
 class RowWriter(Protocol):

@@ -32,7 +32,7 @@ from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.models import flops, lladav
 from lladav_jax.scale import distributed, sharding
 from lladav_jax.train import heldout, metrics, optim
-from lladav_jax.train.bookkeeping import Bookkeeping, LogWindow
+from lladav_jax.train.bookkeeping import Bookkeeping, LogWindow, StepClock
 from lladav_jax.train.checkpoint import Checkpoints, Preemption
 from lladav_jax.train.inputs import load_tokenizer, make_batches
 from lladav_jax.train.state import (
@@ -122,7 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         window.spend("eval_s", time.perf_counter() - started)
         return result
 
-    preemption = Preemption()
+    preemption, clock = Preemption(), StepClock()
     check_every = config.train.preemption_check_every or config.train.log_every
     step = book.step
     try:
@@ -133,12 +133,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     batch = next(data_iter)
                 except StopIteration:
                     break
-                window.spend("data_wait_s", time.perf_counter() - started)
+                idle_from = clock.idle_since()  # None: the chips were busy all along
+                if idle_from is not None:
+                    window.spend("data_wait_s", time.perf_counter() - max(started, idle_from))
                 counts = _batch_counts(config, batch, book)
                 # Dispatched, not waited for: the loop waits for the chips only at logging
                 # and checkpoint steps (and preemption checks on several processes).
                 state, m = step_fn(state, frozen,
                                    global_batch(batch, mesh, accum, batch_size, rules))
+                clock.dispatched(m["loss"])
                 step += 1
                 window.add(m, **counts)
                 progress.update(1)
@@ -162,6 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         progress.close()
         preemption.restore()
+        clock.close()
         ckpts.close()
         writer.close()
         wandb.close()

@@ -3,8 +3,10 @@ W&B; and that the loop does not wait for the chips between logging steps."""
 
 import dataclasses
 import threading
+import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from flax import nnx
 from lladav_jax.models import lladav
 from lladav_jax.scale import sharding
 from lladav_jax.train import checkpoint, loop, validation
-from lladav_jax.train.bookkeeping import TIMERS, Bookkeeping, LogWindow
+from lladav_jax.train.bookkeeping import TIMERS, Bookkeeping, LogWindow, StepClock
 from lladav_jax.train.inputs import load_tokenizer, make_featurizer
 from lladav_jax.train.wandb_log import WandbLog
 from tests.train.test_train import rows_of, small_config
@@ -105,6 +107,33 @@ def test_an_input_bound_window_is_named_once(capsys):
     window.write_row(12)  # fed again: no warning, goodput back up
     assert "input-bound" not in capsys.readouterr().err
     assert writer.rows[-1]["data_wait_s"] == 0 and writer.rows[-1]["goodput"] == 1.0
+
+
+def test_the_step_clock_knows_when_the_chips_ran_out_of_work():
+    """Data waits count only once the dispatched steps are done: busy chips -> None."""
+    released = threading.Event()
+    busy = jax.jit(lambda m: m @ m)
+    held = jax.jit(lambda m: (jax.debug.callback(lambda _: released.wait(60), m[0, 0]), m)[1])
+    m = jnp.ones((512, 512))
+    released.set()
+    held(busy(m)).block_until_ready()  # compiled
+    released.clear()
+    clock = StepClock()
+    try:
+        assert clock.idle_since() == -float("inf")  # nothing dispatched: idle from the start
+        dispatched = time.perf_counter()
+        # Queued behind a matmul, so dispatched asynchronously (XLA:CPU runs a program
+        # on an idle device in the calling thread), as a train step behind the one before.
+        clock.dispatched(held(busy(m)))
+        assert clock.idle_since() is None  # held on the chips
+        released.set()
+        deadline = time.monotonic() + 60
+        while clock.idle_since() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert clock.idle_since() >= dispatched
+    finally:
+        released.set()
+        clock.close()
 
 
 def test_local_skips_are_settled_into_the_run_counts():
