@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lladav_jax.data import pipeline
-from lladav_jax.data.example import BATCH_KEYS, Example, Skip
+from lladav_jax.data.example import Example, Skip
 from lladav_jax.data.synthetic import SyntheticSource
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.diffusion import objective
@@ -41,6 +41,8 @@ from lladav_jax.scale import sharding
 from lladav_jax.train.inputs import make_featurizer, one_source
 from lladav_jax.train.state import global_batch, local_rows
 from lladav_jax.train.step import MODEL_KEYS
+
+PASS_KEYS = ("noisy", "masked", "p_mask")  # one scoring pass: `_score`'s last arguments
 
 
 def eval_source(config: ml_collections.ConfigDict) -> Any:
@@ -154,7 +156,8 @@ def make_validation(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mes
                   for k, t in enumerate(e.t_grid)]
         passes.append(_answer_pass(batch, spans[b * rows : (b + 1) * rows], tokenizer.mask_id))
         batches.append({"batch": _place(batch, mine, mesh, rows, rules),
-                        "passes": [_place(p, mine, mesh, rows, rules) for p in passes]})
+                        "passes": [tuple(_place(p, mine, mesh, rows, rules)[k] for k in PASS_KEYS)
+                                   for p in passes]})
     return Validation(batches, tuple(float(t) for t in e.t_grid),
                       answers=sum(s is not None for s in spans), skipped=dict(skipped),
                       score=jax.jit(_score, static_argnums=(0, 1)))
@@ -176,10 +179,7 @@ def _answer_pass(batch: dict, spans: list, mask_id: int) -> dict:
 
 
 def _place(arrays: dict, mine: list[int] | None, mesh: Mesh, rows: int,
-           rules: sharding.Rules) -> Any:
-    """This process's rows as global [1, rows, ...] arrays (a tuple for a pass)."""
+           rules: sharding.Rules) -> dict:
+    """This process's rows as global [1, rows, ...] arrays."""
     local = {k: v if mine is None else v[np.asarray(mine)] for k, v in arrays.items()}
-    placed = global_batch(local, mesh, 1, rows, rules)
-    if set(arrays) == set(BATCH_KEYS):
-        return placed
-    return placed["noisy"], placed["masked"], placed["p_mask"]
+    return global_batch(local, mesh, 1, rows, rules)
