@@ -8,7 +8,9 @@ Keys and shapes are those of docs/design.md §6.1 (the table in `lladav_jax.mode
 directions stream: tensors are read and written a block of rows at a time, so peak memory is
 a few blocks, not the model. Everything is checked before anything is written (one error
 listing every offending key), and the output appears only when complete (temporary name,
-then rename). torch is not needed. Every directory may be a bucket URL (gs://...).
+then rename). A tensor holding NaN or inf stops the conversion by name, as it is streamed
+(`allow_nonfinite` lets it through). torch is not needed. Every directory may be a bucket URL
+(gs://...).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import functools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -54,6 +57,33 @@ def _read_json(path: epath.Path) -> dict:
         raise ConversionError(f"{path} is not valid JSON: {e}") from None
 
 
+def _finite_blocks(name: Callable[[Any], str], blocks: Callable, allow_nonfinite: bool):
+    """`blocks` (a callable giving blocks, or (index, block) pairs), refusing NaN and inf;
+    `name(item)` says which tensor an offending item is part of."""
+    if allow_nonfinite:
+        return blocks
+
+    def checked():
+        for item in blocks():
+            block = item[1] if isinstance(item, tuple) else item
+            if not np.isfinite(block).all():
+                raise ConversionError(
+                    f"{name(item)} holds NaN or inf; the weights are damaged or come from a "
+                    "diverged run (--allow_nonfinite converts them anyway)")
+            yield item
+
+    return checked
+
+
+def _stored_name(e: hf_params.Entry, stored_names: Mapping[str, str]) -> Callable:
+    """The stored name of the tensor an import block (index, values) of `e` comes from."""
+    def name(item) -> str:
+        key = e.hf_keys()[item[0][0].start or 0] if e.layers else e.hf
+        return stored_names.get(key, key)
+
+    return name
+
+
 # --- Import -------------------------------------------------------------------------------
 
 
@@ -68,6 +98,7 @@ def _check_dtypes(tensors: Mapping, keys, stored_names: Mapping[str, str]) -> No
 def _import(
     tensors: Mapping, cfg, out, *, tokenizer_dir, stored_names: Mapping[str, str],
     block_bytes: int, progress: bool | None, unknown: Mapping[str, tuple] | None = None,
+    allow_nonfinite: bool = False,
 ) -> epath.Path:
     """Checks keys, shapes and dtypes, then writes the model directory one block at a time.
     `unknown`: stored names that map to no official key (reported with the rest)."""
@@ -83,9 +114,10 @@ def _import(
                disable=None if progress is None else not progress)
     leaves = traverse_util.flatten_dict(abstract)
     params = traverse_util.unflatten_dict({
-        e.ours: modeldir.LazyParam(leaves[e.ours].shape, dtype, functools.partial(
-            hf_params.blocks_from_hf, e, tensors, block_bytes, itemsize,
-            on_tensor=lambda _: bar.update()))
+        e.ours: modeldir.LazyParam(leaves[e.ours].shape, dtype, _finite_blocks(
+            _stored_name(e, stored_names), functools.partial(
+                hf_params.blocks_from_hf, e, tensors, block_bytes, itemsize,
+                on_tensor=lambda _: bar.update()), allow_nonfinite))
         for e in entries})
     with bar:
         return modeldir.save_model_dir(out, params, cfg, tokenizer_dir=tokenizer_dir)
@@ -94,6 +126,7 @@ def _import(
 def import_hf(
     hf_dir: str | os.PathLike, out: str | os.PathLike, *, param_dtype: str = "float32",
     block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None,
+    allow_nonfinite: bool = False,
 ) -> epath.Path:
     """An official LLaDA-V directory (config.json, safetensors, tokenizer) -> model directory."""
     hf_dir = paths.as_path(hf_dir)
@@ -101,7 +134,7 @@ def import_hf(
     cfg.param_dtype = _float_dtype(param_dtype)
     tensors = safetensors_io.open_checkpoint(hf_dir)
     return _import(tensors, cfg, out, tokenizer_dir=hf_dir, stored_names={},
-                   block_bytes=block_bytes, progress=progress)
+                   block_bytes=block_bytes, progress=progress, allow_nonfinite=allow_nonfinite)
 
 
 def fresh_connector(cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -140,7 +173,7 @@ def _renamed(directory: epath.Path, rename, skip=()) -> tuple[dict, dict, dict]:
 def import_parts(
     llm_dir: str | os.PathLike, vision_dir: str | os.PathLike, out: str | os.PathLike, *,
     seed: int = 0, param_dtype: str = "float32", block_bytes: int = DEFAULT_BLOCK_BYTES,
-    progress: bool | None = None,
+    progress: bool | None = None, allow_nonfinite: bool = False,
 ) -> epath.Path:
     """LLaDA-8B(-Instruct) (OLMo-style or HF-port names) + a SigLIP/SigLIP2 vision model ->
     a model directory with a fresh connector and image_newline: the start of stage 1.
@@ -157,7 +190,7 @@ def import_parts(
     tensors = {**llm, **vis, **fresh_connector(cfg, seed)}
     return _import(tensors, cfg, out, tokenizer_dir=llm_dir,
                    stored_names={**llm_names, **vis_names}, block_bytes=block_bytes,
-                   progress=progress, unknown=unknown)
+                   progress=progress, unknown=unknown, allow_nonfinite=allow_nonfinite)
 
 
 # --- Export -------------------------------------------------------------------------------
@@ -177,7 +210,7 @@ def _natural(key: str) -> list:
 def export_hf(
     ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
     shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
-    progress: bool | None = None,
+    progress: bool | None = None, allow_nonfinite: bool = False,
 ) -> epath.Path:
     """A model directory -> the official layout: safetensors shards of ~shard_bytes with
     `model.safetensors.index.json`, `config.json` (llava_llada) and the tokenizer files."""
@@ -189,9 +222,10 @@ def export_hf(
     shapes = hf_params.expected_hf_shapes(entries, lladav.abstract_params(cfg))
     itemsize = max(max(p.dtype.itemsize for p in stored.values()), 4)
     tensors = [
-        PendingTensor(key, shapes[key], out_dtype, functools.partial(
-            hf_params.hf_blocks, e, layer, stored[e.ours].__getitem__, shapes[key], block_bytes,
-            itemsize))
+        PendingTensor(key, shapes[key], out_dtype, _finite_blocks(
+            lambda _, key=key, e=e: f"{key} (ours: {'/'.join(e.ours)})", functools.partial(
+                hf_params.hf_blocks, e, layer, stored[e.ours].__getitem__, shapes[key],
+                block_bytes, itemsize), allow_nonfinite))
         for e in entries for layer, key in enumerate(e.hf_keys())
     ]
     # LLaDA-V never uses the vision tower's final norm, and we do not keep it; it is written as

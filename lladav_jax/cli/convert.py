@@ -4,6 +4,8 @@
     lladav-convert import-hf --llm DIR --vision DIR --out DIR [--seed N]   # stage-1 start
     lladav-convert export-hf --ckpt DIR --out D [--dtype bfloat16|float32] [--shard_bytes N]
 
+A tensor holding NaN or inf is refused by name; --allow_nonfinite converts it anyway.
+
 How it streams and checks: `lladav_jax.checkpoints.hf_convert`.
 """
 
@@ -21,6 +23,7 @@ from lladav_jax.checkpoints.hf_convert import (
     import_hf,
     import_parts,
 )
+from lladav_jax.cli import errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,28 +44,35 @@ def _parser() -> argparse.ArgumentParser:
     for q in (imp, exp):
         q.add_argument("--block_bytes", type=int, default=DEFAULT_BLOCK_BYTES,
                        help="bytes moved at a time (bounds peak memory)")
+        q.add_argument("--allow_nonfinite", action="store_true",
+                       help="convert tensors holding NaN or inf (refused by default)")
+    errors.add_debug_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Returns the exit status: 0, 1 for an error the message names (`errors.run`)."""
+    return errors.run("lladav-convert", lambda: _main(argv), argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    try:
-        if args.command == "export-hf":
-            export_hf(args.ckpt, args.out, dtype=args.dtype, shard_bytes=args.shard_bytes,
-                      block_bytes=args.block_bytes)
-        elif args.hf_dir and not (args.llm or args.vision):
-            import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype,
-                      block_bytes=args.block_bytes)
-        elif args.llm and args.vision and not args.hf_dir:
-            import_parts(args.llm, args.vision, args.out, seed=args.seed,
-                         param_dtype=args.param_dtype, block_bytes=args.block_bytes)
-        else:
-            p.error("import-hf takes either --hf_dir, or --llm and --vision")
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        # WeightMappingError, SafetensorsError, ModelDirError, ConversionError are ValueErrors.
-        print(f"lladav-convert: error: {e}", file=sys.stderr)
-        return 1
+    errors.require_positive(p, args, ("shard_bytes", "block_bytes"))
+    # WeightMappingError, SafetensorsError, ModelDirError, ConversionError are ValueErrors:
+    # errors.run prints them as one `lladav-convert: error:` line (exit 1).
+    if args.command == "export-hf":
+        export_hf(args.ckpt, args.out, dtype=args.dtype, shard_bytes=args.shard_bytes,
+                  block_bytes=args.block_bytes, allow_nonfinite=args.allow_nonfinite)
+    elif args.hf_dir and not (args.llm or args.vision):
+        import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype,
+                  block_bytes=args.block_bytes, allow_nonfinite=args.allow_nonfinite)
+    elif args.llm and args.vision and not args.hf_dir:
+        import_parts(args.llm, args.vision, args.out, seed=args.seed,
+                     param_dtype=args.param_dtype, block_bytes=args.block_bytes,
+                     allow_nonfinite=args.allow_nonfinite)
+    else:
+        p.error("import-hf takes either --hf_dir, or --llm and --vision")
     print(f"wrote {args.out}")
     return 0
 

@@ -13,6 +13,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lladav_jax.cli import errors
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_path", "--data-path", required=True, help="LLaVA .json or .jsonl")
@@ -37,11 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     tf = sub.add_parser("build-tfds", help="build a TFDS dataset (array_record, no TensorFlow)")
     _common(tf)
     tf.add_argument("--name", default=None, help="TFDS config name (default: the file's stem)")
+    errors.add_debug_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Returns the exit status: 0, 1 for an error the message names (`errors.run`)."""
+    return errors.run("lladav-data", lambda: _main(argv), argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    errors.require_positive(p, args, ("num_shards", "num_threads"))
     if args.command == "pack-arrayrecord":
         from lladav_jax.data.sources.array_record import pack
 

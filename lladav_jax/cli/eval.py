@@ -17,7 +17,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from lladav_jax.cli.generate import add_sampler_flags, sampler_options
+from lladav_jax.cli import errors
+from lladav_jax.cli.generate import add_sampler_flags, checked_sampler_options
 from lladav_jax.inference.scoring import METRICS, PRESETS, prompt_of, read_rows, score
 
 
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--metric", choices=METRICS,
                    help="for questions without choices (default: exact; chartqa: relaxed)")
+    errors.add_debug_flag(p)
     return p
 
 
@@ -49,14 +51,19 @@ def _summary(results: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit("--batch_size must be at least 1")
-    rows = read_rows(args.data)  # bad data fails before the model is loaded
+    """Returns the exit status: 0, 1 for an error the message names (`errors.run`)."""
+    return errors.run("lladav-eval", lambda: _main(argv), argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    errors.require_positive(p, args, ("batch_size",))
     preset = dict(PRESETS.get(args.preset, {}))
     metric = args.metric or preset.pop("metric", "exact")
     preset.pop("metric", None)
-    options = sampler_options(args, preset)
+    options = checked_sampler_options(p, args, preset)
+    rows = read_rows(args.data)  # bad data fails before the model is loaded
 
     from tqdm import tqdm
 
@@ -78,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                    **options)
             except ValueError as e:  # e.g. an image that does not decode
                 lines = ", ".join(str(r["_line"]) for r in chunk)
-                raise SystemExit(f"{args.data} (lines {lines}): {e}") from e
+                raise ValueError(f"{args.data} (lines {lines}): {e}") from e
             for row, prediction in zip(chunk, predictions, strict=False):
                 public = {k: v for k, v in row.items() if not k.startswith("_")}
                 result = {**public, **score(row, prediction, metric)}

@@ -18,6 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from lladav_jax.cli import errors
 from lladav_jax.diffusion.sampler import CACHES, REMASKING, SamplerOptions
 
 DEFAULTS = SamplerOptions.defaults()  # every sampler option, by name
@@ -54,6 +55,18 @@ def sampler_options(args: argparse.Namespace, base: dict | None = None) -> dict:
     return out
 
 
+def checked_sampler_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                            base: dict | None = None) -> dict:
+    """`sampler_options`, checked by SamplerOptions (the one definition of the ranges) before
+    the model loads; one out of range is a usage error naming the flag (exit 2)."""
+    options = sampler_options(args, base)
+    try:
+        SamplerOptions(**options)
+    except ValueError as e:
+        parser.error(str(e).replace("sampler option ", "--", 1))
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lladav-generate", description=__doc__.split("\n\n")[0])
     add_sampler_flags(p)
@@ -63,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="print one JSON line with the answer and the generated token ids")
     p.add_argument("--stream", action="store_true", help="print each block as it is decoded")
     p.add_argument("--order_png", help="save a picture of the denoising order here")
+    errors.add_debug_flag(p)
     return p
 
 
@@ -82,11 +96,17 @@ class _Streamer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Returns the exit status: 0, 1 for an error the message names (`errors.run`)."""
+    return errors.run("lladav-generate", lambda: _main(argv), argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    options = checked_sampler_options(p, args)
     from lladav_jax.inference import api  # jax is imported only once the flags are good
 
     model = api.load(args.ckpt)
-    options = sampler_options(args)
     streamer = _Streamer(sys.stdout) if args.stream else None
     result = model.generate(args.image, args.prompt, seed=args.seed, on_block=streamer,
                             return_details=True, system=args.system, **options)

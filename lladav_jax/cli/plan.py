@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from lladav_jax.cli import errors
 from lladav_jax.scale import topology as topo
 from lladav_jax.scale.plan import SamplerSpec, plan, report, use_simulated_cpu_devices
 
@@ -39,43 +42,47 @@ _PROMPT_LEN = flags.DEFINE_integer(
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 128, "Sampler: answer tokens.")
 _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Sampler: block length.")
 _CACHE = flags.DEFINE_enum("cache", "dual", ["none", "prefix", "dual"], "Sampler: KV cache.")
+errors.define_absl_debug_flag()
+
+# Ranges, checked as the flags are parsed (absl: "flag --mfu=0.0: must be in (0, 1]").
+flags.register_validator("mfu", lambda v: 0 < v <= 1, "must be in (0, 1]")
+flags.register_validator("hbm_margin", lambda v: 0 <= v < 1, "must be in [0, 1)")
+flags.register_validator("devices", lambda v: v is None or v >= 1, "must be >= 1")
+for _name in ("gen_length", "block_length", "infer_batch"):
+    flags.register_validator(_name, lambda v: v >= 1, "must be >= 1")
+flags.register_validator("prompt_len", lambda v: v >= 0, "must be >= 0 (0: the default)")
 
 
-def _run(argv) -> None:
+def _run(argv: list[str]) -> int:
     del argv
     config = _CONFIG.value
-    try:
-        target = topo.parse(_TOPOLOGY.value)
-    except topo.TopologyError as e:
-        sys.exit(f"lladav-plan: {e}")
+    target = topo.parse(_TOPOLOGY.value)  # a TopologyError names the known ones
     n = _DEVICES.value or target.chips * int(config.mesh.get("slices", 1))
     if _SIMULATE.value:
         use_simulated_cpu_devices(n)
     import jax
 
     if _SIMULATE.value and jax.device_count() != n:
-        sys.exit(f"lladav-plan: asked for {n} simulated CPU devices but JAX started with "
-                 f"{jax.device_count()} (its backend was initialised before the flag took)")
+        raise RuntimeError(f"asked for {n} simulated CPU devices but JAX started with "
+                           f"{jax.device_count()} (its backend was initialised before the "
+                           "flag took)")
     spec = None
     if _SAMPLER.value:
         spec = SamplerSpec(_INFER_BATCH.value, _PROMPT_LEN.value, _GEN_LENGTH.value,
                            _BLOCK_LENGTH.value, _CACHE.value)
-    from lladav_jax.scale.sharding import MeshError
-
-    try:
-        result = plan(config, target, n, mfu=_MFU.value, hbm_margin=_MARGIN.value,
-                      sampler_spec=spec)
-    except MeshError as e:
-        sys.exit(f"lladav-plan: {e}")
+    # A MeshError (a mesh that does not divide the model) is a ValueError: one line.
+    result = plan(config, target, n, mfu=_MFU.value, hbm_margin=_MARGIN.value,
+                  sampler_spec=spec)
     print(report(result), flush=True)
     if _JSON.value:
         with open(_JSON.value, "w") as fh:
             json.dump(result, fh, indent=2)
+    return 0
 
 
-def main() -> None:
-    flags.mark_flags_as_required(["config", "topology"])
-    app.run(_run)
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """argv as sys.argv (the program first); exits with the status, as absl's app.run did."""
+    sys.exit(errors.run_absl("lladav-plan", _run, argv, required=("config", "topology")))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from lladav_jax.data.image import ProcessedImage
 # image bytes (ArrayRecord, TFDS) or file paths (JSON + image folder), in `<image>` order.
 # Sources never raise on bad data; they mark it for the featurizer to skip and count:
 # `_error` ("malformed: <what>") for an unreadable sample, `_missing_images` (indices into
-# `images`) for image files missing when the sample was packed. `_source` names the source.
+# `images`) for image files missing when the sample was packed, `_unsafe_images` (indices) for
+# paths that leave the image folder (never opened, kept as written). `_source` names the source.
 # `_image_sizes` ([width, height] per image, as decoded) lets a source that knows its sizes
 # spare the measure step the image headers (`SyntheticSource.header`).
 RawSample = dict[str, Any]
@@ -35,6 +36,7 @@ SKIP_REASONS = (
     "malformed",  # not the LLaVA format (missing fields, wrong roles or types)
     "too_long",  # longer than the sequence length and not truncatable without cutting a target
     "too_many_visual",  # more tiles or visual tokens than the fixed shapes hold
+    "unsafe_path",  # an image path that leaves the image folder (`..`, absolute): never opened
 )
 
 

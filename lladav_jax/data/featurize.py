@@ -197,6 +197,18 @@ def _turns(raw: Mapping) -> list[dict[str, str]]:
     return turns
 
 
+def _marked(raw: Mapping, key: str) -> set[int]:
+    """The image indices a source listed under `key` (`_missing_images`, `_unsafe_images`)."""
+    marked = raw.get(key)
+    if not isinstance(marked, list | tuple):
+        return set()
+    return {m for m in marked if isinstance(m, int | np.integer)}
+
+
+def _unsafe_detail(name: str) -> str:
+    return f"{name}: leaves the image folder (not opened)"
+
+
 def _image_refs(raw: Mapping) -> tuple[list, list[str]]:
     """The sample's images (`images`, else the `image` field as paths) and a name for each."""
     listed = raw.get("image")
@@ -276,9 +288,12 @@ class Featurizer:
         data, a size other than the header's) is a Skip here."""
         try:
             refs, names = _image_refs(raw)
+            unsafe = _marked(raw, "_unsafe_images")  # `measure` skips these; never open them
             images = []
-            for ref, name, size, count in zip(refs, names, measured.image_sizes,
-                                              measured.image_tokens):  # the kept images
+            for k, (ref, name, size, count) in enumerate(zip(refs, names, measured.image_sizes,
+                                                             measured.image_tokens)):  # kept
+                if k in unsafe:
+                    raise _Skipped("unsafe_path", _unsafe_detail(name))
                 try:
                     pil = load_image(ref, name=name, max_pixels=self.max_pixels)
                 except ImageLoadError as e:
@@ -304,8 +319,8 @@ class Featurizer:
 
     def _sizes(self, raw: Mapping, refs: list, names: list[str]) -> list[tuple[int, int]]:
         """(width, height) of each image: the source's `_image_sizes`, else the headers'."""
-        missing = raw.get("_missing_images")  # missing when packed (sources/array_record.py)
-        missing = set(missing) if isinstance(missing, list | tuple) else set()
+        missing = _marked(raw, "_missing_images")  # missing when packed (sources/array_record.py)
+        unsafe = _marked(raw, "_unsafe_images")  # outside the image folder (sources/)
         given = raw.get("_image_sizes")
         if given is not None and not (
                 isinstance(given, list | tuple) and len(given) == len(refs)
@@ -316,6 +331,8 @@ class Featurizer:
                                         f"image: {given!r:.80}")  # fmt: skip
         sizes = []
         for k, (ref, name) in enumerate(zip(refs, names)):
+            if k in unsafe:  # checked first: such a path is never opened, nor was it packed
+                raise _Skipped("unsafe_path", _unsafe_detail(name))
             if k in missing:
                 raise _Skipped("missing_image", f"{name}: missing when the records were packed")
             if given is not None:

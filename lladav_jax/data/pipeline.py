@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
+import signal
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -150,6 +152,13 @@ class WindowToBatches:
                 "local_named": local_named[:MAX_NAMED], "featurized": featurized}
 
 
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """In each worker process: Ctrl-C reaches the terminal's whole process group, and the
+    trainer answers it with a checkpoint, for which its workers must still be alive; they stop
+    when the trainer closes the pipeline."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _FlattenIterator(grain.DatasetIterator):
     """Windows -> batches. Skip counts of a window ride on its first batch, or on the next batch
     if the window had none; every batch carries `skips` and `local_skips` (counts since the
@@ -170,6 +179,7 @@ class _FlattenIterator(grain.DatasetIterator):
         self._k = 0  # index of the window in hand, or of the next one to load
         self._window: dict | None = None
         self._next = 0
+        self._exhausted = False  # the data ran out: every later `next` stops too
         self._set_tallies({})
 
     def _set_tallies(self, state: dict) -> None:
@@ -181,6 +191,9 @@ class _FlattenIterator(grain.DatasetIterator):
 
     def _open(self, k: int) -> None:
         self.close()
+        if k >= len(self._windows):  # past the end (a finite data set): no workers to start
+            self._upstream = iter(())
+            return
         # An element is a whole window: Grain's default read-ahead (16 threads, 500 elements)
         # would featurize dozens at once. One thread makes up to two windows ahead of the
         # step (with 0 workers, in this process); parallelism comes from worker processes.
@@ -191,18 +204,31 @@ class _FlattenIterator(grain.DatasetIterator):
             # notebooks) would fail there. Defaults are what we want.
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers),
+                                worker_init_fn=_ignore_ctrl_c)
             if not self._closes_at_exit:
                 shared_memory.close_before_exit(self)
                 self._closes_at_exit = True
         self._upstream = iter(it)
+
+    def _fetch(self) -> dict | None:
+        """The next window from upstream, or None (and exhausted) when there is none."""
+        try:
+            return shared_memory.unlink_on_arrival(next(self._upstream))
+        except StopIteration:
+            self._exhausted = True
+            return None
 
     def _load(self) -> None:
         if self._upstream is None:
             self._open(self._k)
         elif self._window is not None:
             self._k += 1
-        self._window, self._next = shared_memory.unlink_on_arrival(next(self._upstream)), 0
+        # At the end, window k is "the next one to load": a state saved now restores to an
+        # iterator that stops at once.
+        self._window, self._next = self._fetch(), 0
+        if self._window is None:
+            raise StopIteration
         w = self._window
         self._pending.update(w["skips"])
         self._local_pending.update(w["local_skips"])
@@ -213,23 +239,49 @@ class _FlattenIterator(grain.DatasetIterator):
         self._named = (self._named + w["named"] + w["local_named"])[:MAX_NAMED]
         self._check()
 
-    def _check(self) -> None:
-        """Aborts when the skipped share passes the limit. With several processes this uses
-        this process's counts: the plan's skips (the same everywhere) plus, for the samples
-        the plan kept, the failure rate of those this process featurized (exact with one)."""
+    def _skipped_estimate(self) -> int:
+        """Samples skipped so far. With several processes this uses this process's counts: the
+        plan's skips (the same everywhere) plus, for the samples the plan kept, the failure
+        rate of those this process featurized (exact with one)."""
         planned = sum(self._skipped.values())
         failed = sum(self._local_skipped.values()) / max(self.featurized, 1)
-        skipped = round(planned + failed * (self._seen - planned))
+        return round(planned + failed * (self._seen - planned))
+
+    def _quality_error(self, skipped: int, why: str) -> DataQualityError:
+        """The one message of a data abort: skipped of seen, why that is too many, the counts
+        by reason and examples naming the samples and files at fault."""
+        worst = ", ".join(f"{r} {n}" for r, n in
+                          (self._skipped + self._local_skipped).most_common()) or "none"
+        share = skipped / max(self._seen, 1)
+        return DataQualityError(f"{skipped} of {self._seen} samples skipped ({share:.1%}{why}): "
+                                f"{worst}; e.g. " + ("; ".join(self._named) or "none named"))
+
+    def _check(self) -> None:
+        """Aborts when the skipped share passes the limit (once `min_seen` samples were seen)."""
+        skipped = self._skipped_estimate()
         if self._seen >= self._min_seen and skipped > self._max_skip_fraction * self._seen:
-            worst = ", ".join(f"{r} {n}" for r, n in
-                              (self._skipped + self._local_skipped).most_common())
-            raise DataQualityError(
-                f"{skipped} of {self._seen} samples skipped ({skipped / self._seen:.1%} > "
-                f"max_skip_fraction {self._max_skip_fraction:.1%}): {worst}; e.g. "
-                + "; ".join(self._named)
-            )
+            raise self._quality_error(
+                skipped, f" > max_skip_fraction {self._max_skip_fraction:.1%}")
+
+    def check_complete(self) -> None:
+        """For the caller once `next` raised StopIteration: raises `DataQualityError` when the
+        data ran out badly, else returns. Bad: no sample seen at all, no sample usable, or
+        more than `max_skip_fraction` of them skipped, however few were seen (the data was
+        seen whole, so the share is final; `min_seen_for_abort` only guards early guesses)."""
+        skipped = self._skipped_estimate()
+        if self._seen == 0:
+            raise DataQualityError("the data ran out before any sample was seen: is the "
+                                   "source empty?")
+        if skipped >= self._seen:
+            raise self._quality_error(skipped, "; the data ran out with no sample usable")
+        if skipped > self._max_skip_fraction * self._seen:
+            raise self._quality_error(
+                skipped, f" > max_skip_fraction {self._max_skip_fraction:.1%}; the data ran "
+                         f"out")
 
     def __next__(self) -> dict:
+        if self._exhausted:
+            raise StopIteration
         while self._window is None or self._next >= len(self._window["batches"]):
             self._load()
         batch = dict(self._window["batches"][self._next])
@@ -258,10 +310,11 @@ class _FlattenIterator(grain.DatasetIterator):
     def set_state(self, state: dict) -> None:
         self._k, self._next = state["window"], state["next"]
         self._set_tallies(state)  # (a state saved before local counts existed has none)
+        self._exhausted = False
         self._open(self._k)
-        # Recompute the window in hand (pure), without counting it again.
-        self._window = (shared_memory.unlink_on_arrival(next(self._upstream))
-                        if state["loaded"] else None)
+        # Recompute the window in hand (pure), without counting it again. A window past the
+        # end (a state saved as the data ran out) leaves an iterator that stops at once.
+        self._window = self._fetch() if state["loaded"] else None
 
     def close(self) -> None:
         """Stops worker processes and drops the window held and those read ahead, whose
@@ -271,6 +324,10 @@ class _FlattenIterator(grain.DatasetIterator):
         if upstream is not None and hasattr(upstream, "close"):
             upstream.close()
             del upstream  # with it, the windows Grain read ahead
+            # ... except those Grain's interleave iterator still holds in reference cycles
+            # (its read-ahead of a stopped worker): freed only by a collection, and freed at
+            # exit they are never unlinked (the leak warning after a stopped run).
+            gc.collect()
             shared_memory.flush_deletions()
 
 

@@ -19,9 +19,9 @@ Relies on Grain internals (`SharedMemoryArray._unlink_on_del`, `SharedMemoryArra
 _del_thread_pool`: one thread, tasks in order), as in grain 0.2.12 to 0.2.18; where they are
 missing, Grain's own behaviour remains.
 
-Not covered yet: a run stopped by SIGTERM (preemption) while a worker process is producing can
-still leave in-flight batches behind (seen once in the preemption test: 32 blocks); the
-checkpoint and the resume are unaffected.
+A run stopped mid-stream (SIGTERM, Ctrl-C) closes the pipeline while Grain holds windows read
+ahead in reference cycles; the pipeline's `close` collects them before flushing (it left one
+window, 32 blocks, behind before it did).
 """
 
 from __future__ import annotations

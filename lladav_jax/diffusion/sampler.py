@@ -20,6 +20,7 @@ runs only the block, the suffix's keys/values cached too (Fast-dLLM's approximat
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -51,20 +52,40 @@ class SamplerOptions:
         for f in dataclasses.fields(self):  # e.g. temperature=1 stored as 1.0
             value = getattr(self, f.name)
             if "float" in str(f.type) and value is not None:
+                if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                    raise ValueError(f"sampler option {f.name}={value!r}: must be a number")
                 object.__setattr__(self, f.name, float(value))
-        if self.remasking not in REMASKING:
-            raise ValueError(f"remasking {self.remasking!r}: choose one of {REMASKING}")
-        if self.cache not in CACHES:
-            raise ValueError(f"cache {self.cache!r}: choose one of {CACHES}")
+        self.check()
+
+    def check(self) -> None:
+        """ValueError naming the first option out of range, and the range: every rule the
+        sampler assumes, checked before anything is compiled or allocated."""
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"sampler option {name}={getattr(self, name)!r}: {rule}")
+
+        for name in ("gen_length", "steps", "block_length"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise bad(name, "must be an integer >= 1")
+            if value < 1:
+                raise bad(name, "must be >= 1")
         if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length "
-                             f"{self.block_length}")
-        if self.steps < self.num_blocks or self.steps % self.num_blocks:
-            raise ValueError(f"steps {self.steps} do not split over {self.num_blocks} blocks")
+            raise bad("gen_length", f"must be a multiple of block_length {self.block_length} "
+                      "(the answer is decoded in whole blocks)")
+        if self.steps % self.num_blocks:
+            raise bad("steps", f"must be a multiple of the number of blocks, gen_length / "
+                      f"block_length = {self.num_blocks} (every block gets the same steps)")
+        if self.temperature < 0:
+            raise bad("temperature", "must be >= 0 (0: no noise, plain argmax)")
         if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale {self.cfg_scale} must be >= 0 (0 = no guidance)")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold {self.threshold} is not a probability")
+            raise bad("cfg_scale", "must be >= 0 (0: no guidance)")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise bad("threshold", "must be a probability in (0, 1], or None (no parallel "
+                      "decoding)")
+        if self.remasking not in REMASKING:
+            raise bad("remasking", f"choose one of {', '.join(REMASKING)}")
+        if self.cache not in CACHES:
+            raise bad("cache", f"choose one of {', '.join(CACHES)}")
 
     @property
     def num_blocks(self) -> int:

@@ -115,6 +115,23 @@ class Model:
         )
         return _Prompt(tokens, list(zip(processed, starts, strict=True)))
 
+    @property
+    def max_positions(self) -> int:
+        """The longest prompt + answer this model takes: `text.max_position_embeddings`, the
+        length it was trained for. RoPE itself sets no hard limit, but positions past it were
+        never trained, and a long enough sequence only fails on the device, out of memory."""
+        return int(self.config.text.max_position_embeddings)
+
+    def _check_length(self, p: _Prompt, gen_length: int, where: str) -> None:
+        # Positions count from each prompt's first token (the left padding takes none).
+        limit, n = self.max_positions, len(p.tokens)
+        if n + gen_length > limit:
+            visual = sum(img.layout.num_tokens for img, _ in p.images)
+            raise ValueError(
+                f"{where}the prompt is {n} tokens ({visual} of them image tokens) and the answer "
+                f"gen_length {gen_length}: more than the model's maximum of {limit} positions "
+                "(text.max_position_embeddings); shorten the prompt or gen_length")
+
     def _collate(self, prompts: list[_Prompt], gen_length: int) -> dict[str, np.ndarray]:
         longest = max(len(p.tokens) for p in prompts)
         p_len = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
@@ -174,9 +191,11 @@ class Model:
                             f"sampler's options are {list(SamplerOptions.defaults())}")
         if not items:
             return []
-        options = SamplerOptions(**options)
+        options = SamplerOptions(**options)  # ValueError naming a bad option, before any work
         system = self.system_prompt if system is None else system
         prompts = [self._encode(images, prompt, system) for images, prompt in items]
+        for i, p in enumerate(prompts):
+            self._check_length(p, options.gen_length, f"item {i}: " if len(prompts) > 1 else "")
         batch = self._collate(prompts, options.gen_length)
         sampler = self._sampler(options, on_block is not None)
 

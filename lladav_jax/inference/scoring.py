@@ -1,10 +1,11 @@
 """Scoring answers as `lladav-eval` does (docs/design.md §10.3): benchmark presets, reading rows,
 extracting option letters, exact match and relaxed accuracy.
 
-Rows: `image` (a path, a list of paths, or absent; relative paths are read from the data file's
-folder), `question`, `answer` (a string, or a list of accepted strings) and optional `choices`
-(a list). A multiple-choice question gets its choices appended as "A. ...\\nB. ..." and is scored
-by the letter read from the prediction. Other questions are scored by exact match (ignoring case,
+Rows: `image` (a path, a list of paths, or absent; paths are read from the data file's folder,
+and one that leaves it, by `..` or as an absolute path elsewhere, is an error), `question`,
+`answer` (a string, or a list of accepted strings) and optional `choices` (a list). A
+multiple-choice question gets its choices appended as "A. ...\\nB. ..." and is scored by the
+letter read from the prediction. Other questions are scored by exact match (ignoring case,
 whitespace and punctuation) or, with the `chartqa` preset or --metric relaxed, by relaxed
 accuracy (numbers within 5%, else exact match).
 """
@@ -12,10 +13,13 @@ accuracy (numbers within 5%, else exact match).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import string
 from collections.abc import Sequence
+
+from lladav_jax.data.sources import path_inside
 
 # The paper's benchmark settings (docs/design.md §5.4): temperature 0, low_confidence remasking.
 _PAPER = dict(temperature=0.0, remasking="low_confidence")
@@ -138,10 +142,17 @@ def read_rows(path: str | pathlib.Path) -> list[dict]:
                 raise ValueError(f"{where}: missing key {key!r}")
         images = row.get("image")
         images = [] if images is None else images if isinstance(images, list) else [images]
-        row["_images"] = [folder / i for i in images]
-        for i in row["_images"]:
-            if not i.is_file():
-                raise ValueError(f"{where}: image {i}: no such file")
+        row["_images"] = []
+        for image in images:
+            if not isinstance(image, str) or not image:
+                raise ValueError(f"{where}: 'image' must be a path or a list of paths")
+            inside = path_inside(folder, image)
+            if inside is None:  # refused before anything is opened, like the training data
+                raise ValueError(f"{where}: image {image!r} leaves the data file's folder "
+                                 f"{folder}")
+            if not os.path.isfile(inside):
+                raise ValueError(f"{where}: image {inside}: no such file")
+            row["_images"].append(pathlib.Path(inside))
         choices = row.get("choices")
         if choices is not None:
             if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):

@@ -72,6 +72,16 @@ class RowWriter(Protocol):
     def write(self, row: dict) -> None: ...
 
 
+# What makes NaN or inf in a run, most likely first: said by every non-finite stop.
+NONFINITE_CAUSES = (
+    "Likely causes, most likely first: the learning rate (lower optim.lr or raise "
+    "optim.warmup_ratio); the data (broken or extreme samples in these steps' batches); "
+    "damaged weights at the start (the init_from model directory, or a checkpoint written "
+    "before checksums were: restores check both for NaN); overflow in bfloat16 (try "
+    "model.dtype=float32)."
+)
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient."""
 
@@ -140,8 +150,8 @@ class Bookkeeping:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or "
                     f"gradient (the last loss was {s['m']['loss']}); their updates were "
-                    "skipped. Lower the learning rate, check the data, or raise "
-                    "train.max_nonfinite_in_a_row")
+                    f"skipped. {NONFINITE_CAUSES} To let the run go on longer, raise "
+                    "train.max_nonfinite_in_a_row.")
 
 
 class LogWindow:

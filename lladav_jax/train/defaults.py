@@ -22,7 +22,7 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict(dict(
-        # synthetic | llava_json | array_record | tfds | mixture
+        # synthetic | llava_json | array_record | tfds | mixture; never guessed (config_check)
         source="synthetic",
         path="",  # LLaVA JSON/JSONL (llava_json), shard folder or glob (array_record),
         image_folder="",  # TFDS directory (tfds)

@@ -1,14 +1,17 @@
 """The training loop: `lladav-train --config configs/<file>.py --workdir DIR [--config.k=v]`.
 
 One compiled step per batch on a (data, fsdp, tensor) mesh; checkpoints every N steps and at
-once on SIGTERM (a TPU preemption notice), after which the process exits cleanly; re-running
-the same command on the same workdir resumes exactly where it stopped (bitwise on the CPU).
+once on SIGTERM (a TPU preemption notice) or Ctrl-C, after which the process exits cleanly;
+re-running the same command on the same workdir resumes exactly where it stopped (bitwise on
+the CPU). One trainer at a time holds a workdir (`workdir_lock`).
 
 The parts: `_start` (a fresh run or the latest checkpoint) and `_train_state` (the arrays the
 step takes); `bookkeeping.LogWindow` (the metrics rows, the non-finite count) over
 `bookkeeping.Bookkeeping` (what a checkpoint stores besides the arrays); `checkpoint`
-(`Checkpoints.save_now`, `Preemption` on SIGTERM); `_finish` (loss curve, held-out accuracy,
-summary).
+(`Checkpoints.save_now`, verified restores, `Preemption` on SIGTERM and SIGINT); `_finish`
+(loss curve, held-out accuracy, summary). A run whose data gave no step, or ran out with more
+of it skipped than `data.max_skip_fraction`, is an error (`DataQualityError`), after saving
+the steps it did train.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from jax.sharding import Mesh
 
 from lladav_jax import paths
 from lladav_jax.checkpoints import modeldir
+from lladav_jax.data.pipeline import DataQualityError
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.models import flops, lladav
 from lladav_jax.scale import distributed, sharding
-from lladav_jax.train import heldout, metrics, optim
+from lladav_jax.train import heldout, integrity, metrics, optim
 from lladav_jax.train.bookkeeping import Bookkeeping, LogWindow, StepClock
 from lladav_jax.train.checkpoint import Checkpoints, Preemption
+from lladav_jax.train.config_check import check_config
 from lladav_jax.train.inputs import load_tokenizer, make_batches
 from lladav_jax.train.state import (
     ModelLayout,
@@ -48,6 +53,7 @@ from lladav_jax.train.state import (
 from lladav_jax.train.step import TrainState
 from lladav_jax.train.validation import make_validation
 from lladav_jax.train.wandb_log import WandbLog
+from lladav_jax.train.workdir_lock import WorkdirLock
 
 
 def _write_workdir_files(workdir: epath.Path, config: ml_collections.ConfigDict,
@@ -66,18 +72,31 @@ def _initial_params(config: ml_collections.ConfigDict, mesh: Mesh,
                     rules: sharding.Rules) -> dict:
     if config.init_from:
         print(f"initialising from {config.init_from}")
-        return modeldir.load_params(config.init_from, config.model, mesh=mesh, rules=rules)
+        params = modeldir.load_params(config.init_from, config.model, mesh=mesh, rules=rules)
+        _, nonfinite = integrity.summarize(params)
+        if nonfinite:
+            raise ValueError(f"init_from {config.init_from}: NaN or inf in "
+                             f"{integrity.listed(nonfinite)}; the model directory is damaged "
+                             "or was saved from a diverged run")
+        return params
     model = lladav.create(config.model, seed=config.seed, mesh=mesh, rules=rules)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the summary."""
+    check_config(config)  # a bad setting fails now, not after minutes of work
     distributed.initialize_distributed(config.distributed)
     workdir_path = paths.as_path(workdir)  # a directory, or a bucket URL (gs://bucket/run)
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = sharding.logical_rules(config.mesh.get("rules"))
     check_batch(config, mesh)
+    with WorkdirLock(workdir_path):  # before anything is written there
+        return _train(config, workdir_path, mesh, rules)
+
+
+def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, mesh: Mesh,
+           rules: sharding.Rules) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     _write_workdir_files(workdir_path, config, tokenizer)
     accum, batch_size = config.train.grad_accum, config.data.batch_size
@@ -100,7 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     primary = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir_path, book.step, enabled=primary)
-    wandb = WandbLog(config.wandb, str(workdir), config, enabled=primary)
+    wandb = WandbLog(config.wandb, str(workdir_path), config, enabled=primary)
     progress = _progress(config, steps, book.step)
     window = LogWindow(book, [writer, wandb], schedules,
                        peak_flops=metrics.peak_flops_per_device(config.train.peak_tflops_per_device),
@@ -124,7 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     preemption, clock = Preemption(), StepClock()
     check_every = config.train.preemption_check_every or config.train.log_every
-    step = book.step
+    step, ran_out = book.step, False
     try:
         with sharding.sharding_context(mesh, layout.rules):
             while step < steps:
@@ -132,6 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 try:
                     batch = next(data_iter)
                 except StopIteration:
+                    ran_out = True
                     break
                 idle_from = clock.idle_since()  # None: the chips were busy all along
                 if idle_from is not None:
@@ -155,13 +175,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     save(step)
                 if stop:
                     ckpts.wait()
-                    print(f"\nSIGTERM: checkpointed step {step}; rerun the same command to "
-                          "resume")
+                    print(f"\n{preemption.requested or 'SIGTERM'}: checkpointed step {step}; "
+                          "rerun the same command to resume")
                     return {"step": step, "preempted": True}
+        if step == 0:  # nothing trained: nothing saved, so the workdir restarts clean
+            data_iter.check_complete()  # most of the data skipped: says which and why
+            raise DataQualityError(
+                f"the data gave no batch: {source_len} samples with data.batch_size "
+                f"{batch_size} and data.num_epochs {config.data.num_epochs}; nothing was "
+                "trained or saved")
         window.write_row(step)  # the data ran out inside a logging window: its steps' row
         if ckpts.latest_step() != step:
             save(step)
         ckpts.wait()
+        if ran_out:
+            data_iter.check_complete()  # after the save: the steps trained are kept
     finally:
         progress.close()
         preemption.restore()

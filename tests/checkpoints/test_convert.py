@@ -339,6 +339,35 @@ def test_command_line(tmp_path, fp32_dir, capsys):
         convert_cli.main(["import-hf", "--hf_dir", str(fp32_dir), "--llm", "x", "--out", "y"])
 
 
+def test_nonfinite_tensors_are_refused_by_name_both_ways(tmp_path, fp32_dir, capsys):
+    """NaN in an official tensor stops an import, naming it (nothing is written); NaN in one of
+    our parameters stops an export alike; --allow_nonfinite converts them anyway."""
+    config = hf_config.config_to_hf(CFG, "float32")
+    tensors = official_tensors()
+    key = "model.layers.1.mlp.up_proj.weight"
+    tensors[key] = tensors[key].copy()
+    tensors[key][3, 5] = np.nan
+    write_dir(tmp_path / "nan", tensors, config)
+    out = tmp_path / "ours"
+    assert convert_cli.main(["import-hf", "--hf_dir", str(tmp_path / "nan"), "--out",
+                             str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"lladav-convert: error: {key} holds NaN or inf" in err and "--allow_nonfinite" in err
+    assert "Traceback" not in err and not out.exists() and no_leftovers(tmp_path, "ours")
+    assert convert_cli.main(["import-hf", "--hf_dir", str(tmp_path / "nan"), "--out", str(out),
+                             "--allow_nonfinite"]) == 0
+    params = modeldir.load_params(out)
+    assert np.isnan(params["llm"]["layers"]["up"]["kernel"]).sum() == 1
+
+    assert convert_cli.main(["export-hf", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {key} (ours: llm/layers/up/kernel) holds NaN or inf" in err, err
+    assert not (tmp_path / "hf").exists() and no_leftovers(tmp_path, "hf")
+    assert convert_cli.main(["export-hf", "--ckpt", str(out), "--out", str(tmp_path / "hf"),
+                             "--allow_nonfinite"]) == 0
+    assert np.isnan(read_reference(tmp_path / "hf")[key].float().numpy()).sum() == 1
+
+
 def test_safetensors_io_matches_the_reference_library(tmp_path):
     from safetensors.numpy import load_file, save_file
 

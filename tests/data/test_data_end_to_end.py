@@ -193,3 +193,73 @@ def test_pixels_that_fail_after_a_good_header_are_padding_alike_for_1_and_2_proc
         assert x["skips"] == y["skips"] == b["skips"]
     local = [sum(b["local_skips"]["corrupt_image"] for b in h) for h in halves]
     assert sorted(local) == [0, 1]
+
+
+def small_jsonl(tmp_path, good: int, missing: int, corrupt: int) -> LlavaJsonSource:
+    """`good` synthetic samples, then samples whose image is missing or corrupt."""
+    images = tmp_path / "images"
+    path = write_llava_json(tmp_path / "small.jsonl", images, good) if good else None
+    if path is None:
+        images.mkdir(parents=True, exist_ok=True)
+        path = tmp_path / "small.jsonl"
+        path.write_text("")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    bad = [{"id": f"bad-missing-{k}", "image": f"nope{k}.png", "conversations": turns}
+           for k in range(missing)]
+    bad += [{"id": f"bad-corrupt-{k}", "image": "corrupt.png", "conversations": turns}
+            for k in range(corrupt)]
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(b) + "\n" for b in bad))
+    return LlavaJsonSource(path, images)
+
+
+def test_data_that_ran_out_badly_is_an_error(tmp_path):
+    """Every sample bad, fewer than min_seen_for_abort of them: the iterator just runs out;
+    `check_complete` then finds the share final and raises, naming reasons and files."""
+    source = small_jsonl(tmp_path, good=0, missing=2, corrupt=3)
+    it = iter(dataset(source, tiny(), min_seen_for_abort=100))
+    assert list(it) == []
+    with pytest.raises(pipeline.DataQualityError) as e:
+        it.check_complete()
+    message = str(e.value)
+    assert "5 of 5 samples skipped" in message and "no sample usable" in message
+    assert "corrupt_image 3" in message and "missing_image 2" in message
+    assert "nope0.png" in message and "corrupt.png" in message
+    # The saved state of an iterator that ran out restores to one that stops at once, with
+    # the tallies: no exception from `set_state` (saved as the loop saves it, at the end).
+    state = it.get_state()
+    resumed = iter(dataset(source, tiny(), min_seen_for_abort=100))
+    resumed.set_state(state)
+    with pytest.raises(StopIteration):
+        next(resumed)
+    with pytest.raises(StopIteration):
+        next(resumed)
+    with pytest.raises(pipeline.DataQualityError, match="5 of 5 samples skipped"):
+        resumed.check_complete()
+    # A state whose window in hand is past the end (saved so by earlier code) restores alike.
+    again = iter(dataset(source, tiny(), min_seen_for_abort=100))
+    again.set_state({**state, "window": state["window"] + 3, "loaded": True, "next": 2})
+    with pytest.raises(StopIteration):
+        next(again)
+
+
+def test_check_complete_holds_the_whole_data_to_max_skip_fraction(tmp_path):
+    source = small_jsonl(tmp_path, good=12, missing=1, corrupt=1)  # 2 of 14 skipped: 14%
+    for limit, fails in ((0.2, False), (0.1, True)):
+        it = iter(dataset(source, tiny(), window=14, max_skip_fraction=limit,
+                          min_seen_for_abort=100))
+        batches = list(it)
+        assert sum(int(b["num_samples"]) for b in batches) == 12
+        if fails:
+            with pytest.raises(pipeline.DataQualityError,
+                               match=r"2 of 14 samples skipped \(14.3% > max_skip_fraction "
+                                     r"10.0%.*nope0.png"):
+                it.check_complete()
+        else:
+            it.check_complete()
+    # No sample at all is an error too.
+    empty = iter(dataset(small_jsonl(tmp_path / "empty", 0, 0, 0), tiny()))
+    assert list(empty) == []
+    with pytest.raises(pipeline.DataQualityError, match="before any sample was seen"):
+        empty.check_complete()

@@ -6,6 +6,8 @@ they were (`id`, `conversations`, `image`, anything else) plus
   `images`: a list in `<image>` order; each entry is the encoded file's bytes, or, for a file
             that was missing or unreadable at pack time, its path as a str;
   `_missing_images`: the indices of those str entries (present only when there are any);
+  `_unsafe_images`: kept from the source: indices of paths that leave the image folder, stored
+            as the path (a str) and never read (the featurizer skips them as `unsafe_path`);
   `_error`: kept from the source for a malformed sample (the featurizer skips and counts it).
 Shards are `data-SSSSS-of-NNNNN.array_record`; `manifest.json` beside them holds the format name
 and the pack counts.
@@ -39,6 +41,7 @@ class PackStats:
     images: int = 0
     missing_images: int = 0
     samples_with_missing_images: int = 0
+    unsafe_paths: int = 0  # image paths outside the image folder: not read, kept as marked
     malformed: int = 0
     record_bytes: int = 0
 
@@ -48,6 +51,7 @@ class PackStats:
         missing = len(sample.get("_missing_images", ()))
         self.missing_images += missing
         self.samples_with_missing_images += missing > 0
+        self.unsafe_paths += len(sample.get("_unsafe_images", ()))
         self.malformed += "_error" in sample
         self.record_bytes += size
 
@@ -56,7 +60,8 @@ class PackStats:
         return (
             f"{self.samples} samples, {self.images} images ({mib:.1f} MiB of records); "
             f"{self.missing_images} images missing in {self.samples_with_missing_images} "
-            f"samples (kept, marked); {self.malformed} malformed (kept, marked)"
+            f"samples (kept, marked); {self.unsafe_paths} image paths outside the image "
+            f"folder (not read, marked); {self.malformed} malformed (kept, marked)"
         )
 
 
@@ -64,12 +69,17 @@ def with_image_bytes(sample: RawSample) -> RawSample:
     """The sample with each image path replaced by the file's bytes.
 
     A file that cannot be read stays as its path (a str) and its index goes to `_missing_images`,
-    so the featurizer skips the sample as `missing_image` and counts it.
+    so the featurizer skips the sample as `missing_image` and counts it. A path the source
+    listed in `_unsafe_images` (outside the image folder) stays as it is, never opened.
     """
     images, missing = [], []
+    unsafe = sample.get("_unsafe_images", ())
     for k, image in enumerate(sample.get("images", ())):
         if isinstance(image, (bytes, bytearray, memoryview)):
             images.append(bytes(image))
+            continue
+        if k in unsafe:
+            images.append(os.fspath(image))
             continue
         try:
             with open(image, "rb") as f:

@@ -7,6 +7,9 @@ Bad data never raises from `__getitem__`: a line or object that is not a usable 
 comes back as a RawSample with `"_error": "malformed: <what>"` (and no images), which the
 featurizer turns into a counted `Skip("malformed")`. Missing image files are not checked here
 (that would stat millions of files up front); the featurizer reports them when it opens them.
+An image path that leaves the image folder (`sources.path_inside`) is kept as written and its
+index listed in `_unsafe_images`: nothing opens it, and the featurizer skips the sample as
+`unsafe_path`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lladav_jax.data.example import RawSample
+from lladav_jax.data.sources import path_inside
 
 
 def malformed(sample_id: str, what: str) -> RawSample:
@@ -77,7 +81,9 @@ class LlavaJsonSource:
 
     `images` holds absolute paths: each `image` entry joined to `image_folder` (default: the data
     file's directory), like the official `--data_path` / `--image_folder`. Files are not opened
-    here; decoding (and the missing-file skip) happens later, in the worker processes.
+    here; decoding (and the missing-file skip) happens later, in the worker processes. An entry
+    that leaves the folder (`../x.png`, or an absolute path elsewhere) stays as written, listed
+    in `_unsafe_images`, and is never opened (the featurizer counts it as `unsafe_path`).
 
     A `.jsonl` file is indexed by line offsets and each line is read and parsed on access, so
     10M-line files do not sit in memory. A `.json` list must be parsed whole once; its elements are
@@ -153,7 +159,15 @@ class LlavaJsonSource:
         files = image_files(sample)
         if isinstance(files, str):
             return malformed(where, f"{files} (id {sample['id']})")
-        sample["images"] = [os.path.join(self.image_folder, f) for f in files]
+        images, unsafe = [], []
+        for k, f in enumerate(files):
+            inside = path_inside(self.image_folder, f)
+            if inside is None:
+                unsafe.append(k)
+            images.append(f if inside is None else inside)
+        sample["images"] = images
+        if unsafe:
+            sample["_unsafe_images"] = unsafe
         return sample
 
     def __repr__(self) -> str:

@@ -7,9 +7,11 @@ with TFDS's own `tf.Example` protos, and `file_format="array_record"` plus `tfds
 So the features here are only TF-free ones: `Text` and `Tensor(dtype=object)` (raw bytes).
 
 Features of each example:
-  `id`: Text; `sample`: Text, the sample's JSON (its LLaVA fields, `_missing_images` / `_error`
-  when set; not `images`); `images`: Sequence of encoded image bytes in `<image>` order, where a
-  file missing at build time holds its path (UTF-8) and is listed in `_missing_images`.
+  `id`: Text; `sample`: Text, the sample's JSON (its LLaVA fields, `_missing_images` /
+  `_unsafe_images` / `_error` when set; not `images`); `images`: Sequence of encoded image bytes
+  in `<image>` order, where a file missing at build time holds its path (UTF-8) and is listed in
+  `_missing_images`, and a path outside the image folder holds that path (never read) and is
+  listed in `_unsafe_images`.
 Shuffling is disabled, so example i of the split is sample i of the input.
 
 Layout: `<out>/llava/<config>/<version>/` (the config is named after the data file).
@@ -113,8 +115,8 @@ def to_features(sample: RawSample) -> dict[str, Any]:
 def from_features(example: dict[str, Any]) -> RawSample:
     sample = json.loads(example["sample"])
     images = [bytes(im) for im in example["images"]]
-    for k in sample.get("_missing_images", ()):
-        images[k] = images[k].decode()
+    for k in {*sample.get("_missing_images", ()), *sample.get("_unsafe_images", ())}:
+        images[k] = images[k].decode()  # a path, not image bytes
     sample["images"] = images
     return sample
 

@@ -1,0 +1,130 @@
+"""Checkpoint integrity: checksums of what is saved, verified on restore; a state with NaN or
+inf never saved (so never rotating a good checkpoint away); damaged checkpoints named and the
+one before used."""
+
+import json
+import pathlib
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lladav_jax.train import integrity
+from lladav_jax.train.bookkeeping import Bookkeeping
+from lladav_jax.train.checkpoint import Checkpoints, NonFiniteStateError
+from lladav_jax.train.loop import train
+from tests.train.test_train import STEPS, losses, small_config
+
+
+def tree(value: float = 1.0) -> dict:
+    return {"w": jnp.full((4, 8), value, jnp.float32), "b": jnp.arange(6, dtype=jnp.bfloat16),
+            "count": jnp.asarray(3, jnp.int32)}
+
+
+def test_checksums_see_every_changed_word_and_not_the_sharding():
+    base, _ = integrity.summarize({"params": tree()})
+    mesh = jax.make_mesh((8,), ("x",))
+    sharded = {"params": {**tree(), "w": jax.device_put(
+        tree()["w"], NamedSharding(mesh, PartitionSpec(None, "x")))}}
+    assert integrity.summarize(sharded)[0] == base  # the figures of the values, not placement
+    assert sorted(base) == ["params/b", "params/count", "params/w"]
+    for i in range(32):  # any one word changed, anywhere: that array, and only it, differs
+        w = np.ones((4, 8), np.float32)
+        w.flat[i] = np.nextafter(np.float32(1), np.float32(2))
+        changed, _ = integrity.summarize({"params": {**tree(), "w": jnp.asarray(w)}})
+        assert integrity.mismatches(base, changed) == ["params/w"]
+    swapped = np.arange(6, dtype=np.float32)[[1, 0, 2, 3, 4, 5]]  # same words, other places
+    moved, _ = integrity.summarize({"params": {**tree(), "b": jnp.asarray(swapped, jnp.bfloat16)}})
+    assert integrity.mismatches(base, moved) == ["params/b"]
+
+
+def test_summarize_names_the_arrays_with_nan_or_inf():
+    bad = {**tree(), "w": tree()["w"].at[1, 2].set(jnp.inf), "b": tree()["b"].at[0].set(jnp.nan)}
+    _, nonfinite = integrity.summarize({"opt_state": bad})
+    assert nonfinite == ["opt_state/b", "opt_state/w"]
+    assert integrity.listed([f"a{i}" for i in range(8)], most=3) == "a0, a1, a2 and 5 more"
+
+
+def data_iterator():
+    return iter(grain.MapDataset.range(8).to_iter_dataset())
+
+
+def test_a_state_with_nan_is_never_saved_and_rotates_nothing_away(tmp_path):
+    ckpts = Checkpoints(tmp_path, every=1, keep=2, asynchronous=False)
+    book = Bookkeeping.start(0)
+    for step in (1, 2):
+        assert ckpts.save(step, tree(), tree(), book, data_iterator())
+    with pytest.raises(NonFiniteStateError) as e:
+        ckpts.save(3, {**tree(), "w": tree()["w"].at[0, 0].set(jnp.nan)}, tree(), book,
+                   data_iterator())
+    message = str(e.value)
+    assert "step 3 was not saved: NaN or inf in params/w" in message
+    assert "the checkpoints kept (steps 1, 2) are untouched" in message
+    assert "Likely causes, most likely first" in message and "damaged weights" in message
+    with pytest.raises(NonFiniteStateError, match="opt_state/b"):  # the optimizer state too
+        ckpts.save(3, tree(), {**tree(), "b": tree()["b"].at[0].set(jnp.inf)}, book,
+                   data_iterator(), force=True)
+    ckpts.wait()
+    assert list(ckpts.manager.all_steps()) == [1, 2]
+    ckpts.close()
+
+
+def largest_params_file(workdir: pathlib.Path, step: int) -> pathlib.Path:
+    data = workdir / "checkpoints" / str(step) / "params" / "ocdbt.process_0" / "d"
+    return max(data.iterdir(), key=lambda f: f.stat().st_size)
+
+
+def nan_bytes(path: pathlib.Path, count: int = 64) -> None:
+    """Overwrites `count` bytes in the middle of the file with 0xFF (NaN as float32)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = b"\xff" * count
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_are_named_and_the_one_before_used(tmp_path, capfd):
+    """The issue's case: 64 bytes of the latest checkpoint's parameter data overwritten. The
+    restore names the damaged array by its checksum, moves the checkpoint aside and resumes
+    from the one before: the losses are those of the undamaged run. A checkpoint from before
+    checksums (its meta has none) with NaN in it is caught by the finiteness check."""
+    workdir, config = tmp_path / "run", small_config()
+    train(config, str(workdir))
+    reference = losses(workdir)
+    nan_bytes(largest_params_file(workdir, STEPS))
+    capfd.readouterr()
+    train(config, str(workdir))
+    err = capfd.readouterr().err
+    assert (f"checkpoints/{STEPS} does not restore: CheckpointError: 1 arrays differ from "
+            "what was saved (checksums): params/") in err, err
+    assert f"resuming from step {STEPS // 2}" in err
+    assert (workdir / "checkpoints" / f"bad-{STEPS}").is_dir()
+    assert losses(workdir) == reference
+
+    meta = workdir / "checkpoints" / str(STEPS) / "meta" / "metadata"
+    saved = json.loads(meta.read_text())
+    assert len(saved["checksums"]) > 10
+    del saved["checksums"]
+    meta.write_text(json.dumps(saved))
+    nan_bytes(largest_params_file(workdir, STEPS))
+    train(config, str(workdir))
+    err = capfd.readouterr().err
+    assert f"checkpoints/{STEPS} does not restore: CheckpointError: NaN or inf in params/" in err
+    assert losses(workdir) == reference
+    assert sorted(d.name for d in (workdir / "checkpoints").iterdir()
+                  if d.name.startswith("bad-")) == [f"bad-{STEPS}", f"bad-{STEPS}-1"]
+
+
+def test_checkpoints_restore_what_they_saved(tmp_path):
+    ckpts = Checkpoints(tmp_path, every=1, keep=2, asynchronous=True)
+    ckpts.save(1, tree(), tree(2.0), Bookkeeping.start(0), data_iterator())
+    ckpts.wait()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          tree())
+    params, opt_state, book = ckpts.restore(1, target, target, data_iterator())
+    jax.tree.map(np.testing.assert_array_equal, (params, opt_state), (tree(), tree(2.0)))
+    assert book.step == 0
+    ckpts.close()
