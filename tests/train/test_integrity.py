@@ -128,3 +128,20 @@ def test_checkpoints_restore_what_they_saved(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, (params, opt_state), (tree(), tree(2.0)))
     assert book.step == 0
     ckpts.close()
+
+
+def test_an_init_from_model_with_nan_is_refused_by_name(tmp_path):
+    from flax import nnx
+
+    from lladav_jax.checkpoints import modeldir
+    from lladav_jax.models import lladav
+
+    config = small_config({"train.steps": 1})
+    params = nnx.to_pure_dict(nnx.state(lladav.create(config.model, seed=0), nnx.Param))
+    params["connector"]["fc1"]["kernel"] = params["connector"]["fc1"]["kernel"].at[0, 0].set(
+        jnp.nan)
+    modeldir.save_model_dir(tmp_path / "model", params, config.model)
+    config.init_from = str(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"init_from .*model: NaN or inf in connector/fc1/kernel"):
+        train(config, str(tmp_path / "run"))
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # nothing saved
