@@ -215,7 +215,7 @@ class Checkpoints:
 
 class Preemption:
     """Records SIGTERM and Ctrl-C (SIGINT); the loop checkpoints and stops at the next step
-    where the processes agree on it. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+    where the processes agree on it. A Ctrl-C after either stops at once (KeyboardInterrupt)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -224,7 +224,7 @@ class Preemption:
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.requested == "SIGINT":
+        if signum == signal.SIGINT and self.requested is not None:  # already stopping
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         if self.requested is None:
