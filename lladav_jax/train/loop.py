@@ -209,9 +209,6 @@ def _start(config: ml_collections.ConfigDict, mesh: Mesh, ckpts: Checkpoints,
     """(params, opt_state or None, bookkeeping): the initial ones, or those of the latest
     checkpoint, restored straight into the shards that abstract targets describe (and the
     data iterator set to where it was)."""
-    if config.train.on_bad_checkpoint not in ("fallback", "fail"):
-        raise ValueError(f"train.on_bad_checkpoint {config.train.on_bad_checkpoint!r}: "
-                         "fallback or fail")
     latest = ckpts.restore_latest(nnx.to_pure_dict(layout.sharded),
                                   abstract_opt_state(tx, layout), data_iter,
                                   fallback=config.train.on_bad_checkpoint == "fallback")

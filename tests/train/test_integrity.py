@@ -48,6 +48,12 @@ def test_summarize_names_the_arrays_with_nan_or_inf():
     assert integrity.listed([f"a{i}" for i in range(8)], most=3) == "a0, a1, a2 and 5 more"
 
 
+def abstract(tree_: dict) -> dict:
+    """A restore target: the arrays' shapes, dtypes and shardings."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree_)
+
+
 def data_iterator():
     return iter(grain.MapDataset.range(8).to_iter_dataset())
 
@@ -111,8 +117,7 @@ def saved_with(ckpts: Checkpoints, params: dict, meta: dict) -> None:
 
 
 def test_a_restore_names_arrays_that_differ_from_their_checksums_or_hold_nan(tmp_path):
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          tree())
+    target = abstract(tree())
     ckpts = Checkpoints(tmp_path / "a", every=1, keep=2, asynchronous=False)
     checksums, _ = integrity.summarize({"params": tree(), "opt_state": tree()})
     checksums["params/b"] = [1, 2]  # what was saved, by its checksums, is not what is read
@@ -135,8 +140,7 @@ def test_checkpoints_restore_what_they_saved(tmp_path):
     ckpts = Checkpoints(tmp_path, every=1, keep=2, asynchronous=True)
     ckpts.save(1, tree(), tree(2.0), Bookkeeping.start(0), data_iterator())
     ckpts.wait()
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          tree())
+    target = abstract(tree())
     params, opt_state, book = ckpts.restore(1, target, target, data_iterator())
     jax.tree.map(np.testing.assert_array_equal, (params, opt_state), (tree(), tree(2.0)))
     assert book.step == 0
