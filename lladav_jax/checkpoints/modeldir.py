@@ -31,7 +31,8 @@ from flax import nnx, traverse_util
 
 from lladav_jax import paths
 from lladav_jax.checkpoints import orbax_streaming
-from lladav_jax.models import lladav
+from lladav_jax.models import adapters, lladav
+from lladav_jax.models.config import ModelConfig, ModelConfigLike
 from lladav_jax.scale import sharding
 
 CONFIG_FILE = "config.json"
@@ -230,13 +231,92 @@ def load_params(
         return ckptr.restore(resolve(path).params, target)
 
 
+def _shardings(cfg: ModelConfigLike, mesh: jax.sharding.Mesh | None, rules) -> dict:
+    state = nnx.state(lladav.abstract(cfg), nnx.Param)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
+    return nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+
+
+def _check_same_base(path: str | os.PathLike, stored: ModelConfig, cfg: ModelConfig) -> None:
+    have = traverse_util.flatten_dict(lladav.abstract_params(stored.plain()))
+    want = traverse_util.flatten_dict(lladav.abstract_params(cfg.plain()))
+    problems = [f"{'.'.join(k)}: stored {tuple(have[k].shape) if k in have else 'nothing'}, "
+                f"config needs {tuple(v.shape)}" for k, v in want.items()
+                if k not in have or have[k].shape != v.shape]
+    if problems:
+        raise ModelDirError(f"{resolve(path).params} holds another model than the config:\n  "
+                            + "\n  ".join(problems[:10]))
+
+
+def load_params_as(
+    path: str | os.PathLike,
+    cfg: ModelConfigLike,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+    seed: int = 0,
+) -> dict:
+    """The weights of the model in `path`, laid out for `cfg`: the stored model taken as a
+    plain one (a LoRA workdir's adapters merged into their kernels), then given fresh adapters
+    and/or quantized weights where `cfg` has them (`lladav_jax.models.adapters`).
+
+    Quantized weights are made one stored array at a time, so the float model never exists
+    whole: an 8b model loads in int8 onto a 16 GB chip."""
+    cfg = ModelConfig.from_config(cfg)
+    stored_cfg = ModelConfig.from_config(load_config(path))
+    plain = cfg.plain().to_config()
+    if not stored_cfg.adapted:
+        check_params(path, plain)
+        if cfg.quantize.weights == "none":
+            params = load_params(path, plain, mesh=mesh, rules=rules)
+            return (jax.device_put(adapters.adapt(params, cfg, seed), _shardings(cfg, mesh, rules))
+                    if cfg.adapted else params)
+    else:
+        check_params(path, stored_cfg.to_config())
+        _check_same_base(path, stored_cfg, cfg)
+    stored = open_params(path)
+    targets = _shardings(cfg, mesh, rules)
+    fresh = (adapters.fresh_adapters(cfg, seed, adapters.adapters_of(targets))
+             if cfg.lora.rank else {})
+    return adapters.adapt_stream(lambda key: _stored_plain(stored, stored_cfg, key), cfg,
+                                 fresh, targets)
+
+
+def _stored_plain(stored: Mapping[tuple[str, ...], StoredParam], cfg: ModelConfig,
+                  key: tuple[str, ...]) -> np.ndarray:
+    """One weight of the plain layout from a directory that may hold it adapted."""
+    parent = key[:-1]
+    if key in stored:
+        w = stored[key][...]
+    else:
+        w = adapters.dequantized(stored[parent + ("qvalue",)][...],
+                                 stored[parent + ("qscale",)][...])
+    if parent + ("lora_a",) in stored:
+        w = adapters.with_delta(w, stored[parent + ("lora_a",)][...],
+                                stored[parent + ("lora_b",)][...],
+                                cfg.lora.alpha / cfg.lora.rank)
+    return w
+
+
 def load_model(
-    path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules=sharding.DEFAULT_RULES
+    path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules=sharding.DEFAULT_RULES,
+    quantize: str | None = None,
 ) -> tuple[lladav.LLaDAV, ml_collections.ConfigDict]:
-    """(model, config) from a model directory; with a mesh, born sharded (never whole)."""
+    """(model, config) from a model directory; with a mesh, born sharded (never whole).
+    `quantize` (int8 | int4): its weights quantized as they load, any adapters merged first
+    (the returned config says so)."""
     cfg = load_config(path)
+    if quantize and quantize != "none":
+        typed = ModelConfig.from_config(cfg)
+        cfg = dataclasses.replace(typed.plain(), quantize=dataclasses.replace(
+            typed.quantize, weights=quantize)).to_config()
+        params = load_params_as(path, cfg, mesh=mesh, rules=rules)
+    else:
+        params = load_params(path, cfg, mesh=mesh, rules=rules)
     graphdef, state = nnx.split(lladav.abstract(cfg))
-    nnx.replace_by_pure_dict(state, load_params(path, cfg, mesh=mesh, rules=rules))
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state), cfg
 
 

@@ -24,6 +24,9 @@ from lladav_jax.models.attention import IMPLEMENTATIONS
 from lladav_jax.models.layers import REMAT_POLICIES, Numerics
 
 CONNECTORS = ("mlp2x_gelu",)
+TEXT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # LLaDA's linear layers in a block
+VISION_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")  # SigLIP's, in an encoder layer
+WEIGHT_FORMATS = ("none", "int8", "int4")  # quantized storage of frozen weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +112,51 @@ class ConnectorConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (`lladav_jax.models.dense`): y = x W + dropout(x) A B * alpha / rank, with
+    A [in, rank] and B [rank, out] trained, W frozen. rank 0: no adapters."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input, in training only
+    targets: tuple[str, ...] = TEXT_TARGETS  # LLaDA's layers that get adapters
+    vision_targets: tuple[str, ...] = ()  # SigLIP's (none by default)
+
+    def __post_init__(self):
+        for field in ("targets", "vision_targets"):  # "q,v" on the command line, or a tuple
+            value = getattr(self, field)
+            if isinstance(value, str):
+                value = [t.strip() for t in value.split(",") if t.strip()]
+            object.__setattr__(self, field, tuple(value))
+        if self.rank < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.rank {self.rank} must be >= 0 and lora.dropout "
+                             f"{self.dropout} in [0, 1)")
+        for field, known in (("targets", TEXT_TARGETS), ("vision_targets", VISION_TARGETS)):
+            unknown = [t for t in getattr(self, field) if t not in known]
+            if unknown:
+                raise ValueError(f"lora.{field}: unknown {unknown}; choose among {known}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of frozen weights (`lladav_jax.models.dense`): the language
+    model's linear layers, head and embedding table (and the vision tower's linear layers with
+    `vision`) stored as int8 (one scale per output channel) or int4 (one scale per `tile`
+    inputs of each output channel); activations, adapters and caches stay in `dtype`."""
+
+    weights: str = "none"  # none | int8 | int4
+    tile: int = 128  # int4: inputs per scale (a layer narrower than this uses its width)
+    vision: bool = False
+
+    def __post_init__(self):
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"quantize.weights {self.weights!r}: choose one of "
+                             f"{list(WEIGHT_FORMATS)}")
+        if self.tile < 1:
+            raise ValueError(f"quantize.tile {self.tile} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """LLaDA-V: the three parts, the connector, and the numeric and memory settings."""
 
@@ -121,6 +169,8 @@ class ModelConfig:
     dtype: str  # compute dtype of activations and matmuls; norms and softmax stay float32
     remat_policy: str  # none | full | dots | dots_no_batch | save_attn_out (layers.remat)
     attention_impl: str  # xla | cudnn | splash | auto (models.attention)
+    lora: LoraConfig = LoraConfig()  # adapters (off by default)
+    quantize: QuantConfig = QuantConfig()  # quantized frozen weights (off by default)
 
     def __post_init__(self):
         for field in ("param_dtype", "dtype"):
@@ -154,7 +204,20 @@ class ModelConfig:
         connector = d["connector"]
         top["connector"] = (connector if isinstance(connector, ConnectorConfig)
                             else ConnectorConfig(str(connector)))
+        for name, part in (("lora", LoraConfig), ("quantize", QuantConfig)):
+            if name in top:
+                top[name] = _build(part, top[name], f"model.{name}")
         return cls(**top)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the model has adapters or quantized weights (not the plain layout)."""
+        return self.lora.rank > 0 or self.quantize.weights != "none"
+
+    def plain(self) -> ModelConfig:
+        """The same model without adapters or quantization: the layout its base weights have
+        in a model directory and in the official release."""
+        return dataclasses.replace(self, lora=LoraConfig(), quantize=QuantConfig())
 
     def to_dict(self) -> dict[str, Any]:
         """The ConfigDict layout as plain data (`connector` as its kind, like the presets)."""
@@ -180,14 +243,19 @@ def _as_dict(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
 
 
 def _check_fields(cls: type, d: Mapping, where: str) -> dict:
-    names = [f.name for f in dataclasses.fields(cls)]
-    missing = [n for n in names if n not in d]
+    """The fields of `cls` in `d`; those with defaults may be absent (config.json files
+    written before they existed)."""
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    optional = {f.name for f in fields if f.default is not dataclasses.MISSING
+                or f.default_factory is not dataclasses.MISSING}
+    missing = [n for n in names if n not in d and n not in optional]
     unknown = sorted(set(d) - set(names))
     if missing or unknown:
         raise ValueError(f"{where}: " + "; ".join(
             f"{what} {ks}" for what, ks in (("missing fields", missing),
                                             ("unknown fields", unknown)) if ks))
-    return {n: d[n] for n in names}
+    return {n: d[n] for n in names if n in d}
 
 
 def _build(cls: type[_T], part, where: str) -> _T:
@@ -202,6 +270,7 @@ def vision_config(vision: VisionConfig | ml_collections.ConfigDict | Mapping) ->
 
 
 __all__ = [
-    "CONNECTORS", "ConnectorConfig", "ImageConfig", "ModelConfig", "ModelConfigLike",
-    "Numerics", "TextConfig", "VisionConfig", "vision_config",
+    "CONNECTORS", "TEXT_TARGETS", "VISION_TARGETS", "WEIGHT_FORMATS", "ConnectorConfig",
+    "ImageConfig", "LoraConfig", "ModelConfig", "ModelConfigLike", "Numerics", "QuantConfig",
+    "TextConfig", "VisionConfig", "vision_config",
 ]

@@ -15,13 +15,9 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec
 
+from lladav_jax.models.dense import NONE, Adapt, Dense, axes
+
 Axes = tuple[str | None, ...]
-
-
-def axes(*names: str | None) -> dict:
-    """Variable metadata naming the logical axes. Placement happens when a model is created on
-    a mesh (`lladav.create`), never eagerly, so models build the same with or without one."""
-    return {"out_sharding": names, "eager_sharding": False}
 
 
 _FLOAT32 = jnp.dtype(jnp.float32)
@@ -45,19 +41,12 @@ def linear(
     *,
     use_bias: bool = False,
     std: float = 0.02,
-) -> nnx.Linear:
-    """A dense layer with logical axes on its kernel [in, out] (and bias [out])."""
-    return nnx.Linear(
-        d_in,
-        d_out,
-        use_bias=use_bias,
-        dtype=numerics.dtype,
-        param_dtype=numerics.param_dtype,
-        kernel_init=nnx.initializers.normal(std),
-        kernel_metadata=axes(*names),
-        bias_metadata=axes(names[-1]),
-        rngs=rngs,
-    )
+    adapt: Adapt = NONE,
+) -> Dense:
+    """A dense layer with logical axes on its kernel [in, out] (and bias [out]); `adapt`
+    gives it a LoRA adapter and/or quantized weights (`dense`)."""
+    return Dense(d_in, d_out, names, numerics.dtype, numerics.param_dtype, rngs,
+                 use_bias=use_bias, std=std, adapt=adapt)
 
 
 class RMSNorm(nnx.Module):
@@ -130,14 +119,20 @@ def scan_layers(
     return make(rngs)
 
 
-def run_layers(layers: nnx.Module, x: jax.Array, policy: str, **kwargs) -> jax.Array:
-    """Runs stacked layers over `x` with `lax.scan`: compile time does not grow with depth."""
+def run_layers(layers: nnx.Module, x: jax.Array, policy: str, rng: jax.Array | None = None,
+               **kwargs) -> jax.Array:
+    """Runs stacked layers over `x` with `lax.scan`: compile time does not grow with depth.
+    `rng` (adapter dropout in training) is split into one key per layer, passed as `rng=`."""
     graphdef, state = nnx.split(layers)
+    n = jax.tree.leaves(state)[0].shape[0]
+    keys = None if rng is None else jax.random.split(rng, n)
 
-    def body(h, layer_state):
-        return nnx.merge(graphdef, layer_state)(h, **kwargs), None
+    def body(h, xs):
+        layer_state, key = xs
+        extra = {} if key is None else {"rng": key}
+        return nnx.merge(graphdef, layer_state)(h, **extra, **kwargs), None
 
-    x, _ = jax.lax.scan(remat(body, policy), x, state)
+    x, _ = jax.lax.scan(remat(body, policy), x, (state, keys))
     return x
 
 

@@ -7,6 +7,8 @@ samples are the only things masked. Layers are stacked and run by a scan.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lladav_jax.models import layers
 from lladav_jax.models.attention import attention
 from lladav_jax.models.config import ModelConfig, ModelConfigLike, TextConfig
+from lladav_jax.models.dense import Adapt, Embedding
 from lladav_jax.models.layers import Numerics, RMSNorm, constrain, linear
 
 ACT = ("batch", "length", "act_embed")
@@ -39,20 +42,23 @@ class Block(nnx.Module):
     """One transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(
-        self, t: TextConfig, numerics: Numerics, attention_impl: str, rngs: nnx.Rngs
+        self, t: TextConfig, numerics: Numerics, attention_impl: str, rngs: nnx.Rngs,
+        adapt: Callable[[str], Adapt] = lambda _name: Adapt(),
     ) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
         self.attention_impl = attention_impl
         d, q_dim, kv_dim = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+        dense = lambda name, d_in, d_out, names: linear(d_in, d_out, names, numerics, rngs,
+                                                        adapt=adapt(name))
         self.attn_norm = RMSNorm(d, t.rms_norm_eps, numerics)
-        self.q = linear(d, q_dim, ("embed", "heads"), numerics, rngs)
-        self.k = linear(d, kv_dim, ("embed", "kv_heads"), numerics, rngs)
-        self.v = linear(d, kv_dim, ("embed", "kv_heads"), numerics, rngs)
-        self.o = linear(q_dim, d, ("heads", "embed"), numerics, rngs)
+        self.q = dense("q", d, q_dim, ("embed", "heads"))
+        self.k = dense("k", d, kv_dim, ("embed", "kv_heads"))
+        self.v = dense("v", d, kv_dim, ("embed", "kv_heads"))
+        self.o = dense("o", q_dim, d, ("heads", "embed"))
         self.mlp_norm = RMSNorm(d, t.rms_norm_eps, numerics)
-        self.gate = linear(d, t.intermediate_size, ("embed", "mlp"), numerics, rngs)
-        self.up = linear(d, t.intermediate_size, ("embed", "mlp"), numerics, rngs)
-        self.down = linear(t.intermediate_size, d, ("mlp", "embed"), numerics, rngs)
+        self.gate = dense("gate", d, t.intermediate_size, ("embed", "mlp"))
+        self.up = dense("up", d, t.intermediate_size, ("embed", "mlp"))
+        self.down = dense("down", t.intermediate_size, d, ("mlp", "embed"))
 
     def __call__(
         self,
@@ -64,15 +70,18 @@ class Block(nnx.Module):
         cache: tuple[jax.Array, jax.Array] | None = None,
         start: jax.Array | int = 0,
         kv_segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x [B, n, D] -> [B, n, D]. With `cache` (K, V of the whole sequence, [B, L, Hkv, Dh]),
         x is the chunk at `start`: its fresh K/V replace the cached ones there, it attends to
-        the whole sequence (`kv_segment_ids` [B, L]), and the updated cache is returned too."""
+        the whole sequence (`kv_segment_ids` [B, L]), and the updated cache is returned too.
+        `rng`: adapter dropout (training), one key per layer (`layers.run_layers`)."""
         b, n = x.shape[:2]
+        key = lambda i: None if rng is None else jax.random.fold_in(rng, i)
         h = self.attn_norm(x)
-        q = self.q(h).reshape(b, n, self.num_heads, self.head_dim)
-        k = self.k(h).reshape(b, n, self.num_kv_heads, self.head_dim)
-        v = self.v(h).reshape(b, n, self.num_kv_heads, self.head_dim)
+        q = self.q(h, key(0)).reshape(b, n, self.num_heads, self.head_dim)
+        k = self.k(h, key(1)).reshape(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v(h, key(2)).reshape(b, n, self.num_kv_heads, self.head_dim)
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
         if cache is not None:
@@ -82,10 +91,11 @@ class Block(nnx.Module):
         out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                         impl=self.attention_impl)
         out = checkpoint_name(out.reshape(b, n, -1), "attn_out")
-        x = constrain(x + self.o(out), ACT)
+        x = constrain(x + self.o(out, key(3)), ACT)
         h = self.mlp_norm(x)
-        h = constrain(jax.nn.silu(self.gate(h)) * self.up(h), ("batch", "length", "act_mlp"))
-        x = constrain(x + self.down(h), ACT)
+        h = constrain(jax.nn.silu(self.gate(h, key(4))) * self.up(h, key(5)),
+                      ("batch", "length", "act_mlp"))
+        x = constrain(x + self.down(h, key(6)), ACT)
         return x if cache is None else (x, (k, v))
 
 
@@ -97,31 +107,30 @@ class LLaDA(nnx.Module):
         t, numerics = cfg.text, cfg.numerics
         self.remat_policy = cfg.remat_policy
         self.head_dim, self.rope_theta = t.head_dim, t.rope_theta
-        self.embed = nnx.Embed(
-            t.vocab_size,
-            t.hidden_size,
-            dtype=numerics.dtype,
-            param_dtype=numerics.param_dtype,
-            embedding_init=nnx.initializers.normal(0.02),
-            embedding_metadata=layers.axes("vocab", "embed"),
-            rngs=rngs,
-        )
+        self.num_layers, self.num_kv_heads = t.num_layers, t.num_kv_heads
+        q = cfg.quantize
+        self.embed = Embedding(t.vocab_size, t.hidden_size, ("vocab", "embed"), numerics.dtype,
+                               numerics.param_dtype, rngs, weights=q.weights, tile=q.tile)
+        adapt = lambda name: Adapt.of(cfg.lora, q, name)
         self.layers = layers.scan_layers(
-            lambda r: Block(t, numerics, cfg.attention_impl, r), t.num_layers, rngs
+            lambda r: Block(t, numerics, cfg.attention_impl, r, adapt), t.num_layers, rngs
         )
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, numerics)
-        self.lm_head = linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), numerics, rngs)
+        self.lm_head = linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), numerics, rngs,
+                              adapt=Adapt.of(cfg.lora, q, "lm_head", adapter=False))
 
     def hidden_states(
         self,
         embeds: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """Input embeddings [B, L, D] -> final-norm hidden states [B, L, D].
 
         positions: RoPE positions [B, L] (restart per packed sample); default 0..L-1.
         segment_ids: [B, L], 0 = padding; default: one segment, no padding.
+        dropout_rng: the key of LoRA dropout (training); None: no dropout.
         """
         b, n = embeds.shape[:2]
         if positions is None:
@@ -131,7 +140,8 @@ class LLaDA(nnx.Module):
         cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
         x = constrain(embeds, ACT)
         x = layers.run_layers(
-            self.layers, x, self.remat_policy, cos=cos, sin=sin, segment_ids=segment_ids
+            self.layers, x, self.remat_policy, dropout_rng, cos=cos, sin=sin,
+            segment_ids=segment_ids,
         )
         return self.norm(x)
 
@@ -139,8 +149,7 @@ class LLaDA(nnx.Module):
         self, batch: int, length: int, dtype: jnp.dtype | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """Zeroed K/V of every layer: two arrays [layers, B, L, kv_heads, head_dim]."""
-        k = self.layers.k.kernel
-        shape = (k.shape[0], batch, length, k.shape[2] // self.head_dim, self.head_dim)
+        shape = (self.num_layers, batch, length, self.num_kv_heads, self.head_dim)
         zeros = jnp.zeros(shape, dtype or self.embed.dtype or jnp.float32)
         return zeros, zeros
 

@@ -54,9 +54,10 @@ class LLaDAV(nnx.Module):
         )
         self.llm = LLaDA(cfg, rngs=rngs)
 
-    def encode_images(self, pixels: jax.Array) -> jax.Array:
+    def encode_images(self, pixels: jax.Array,
+                      dropout_rng: jax.Array | None = None) -> jax.Array:
         """Tiles [N, S, S, 3] -> connector features [N, P, hidden]."""
-        return self.connector(self.vision(pixels))
+        return self.connector(self.vision(pixels, dropout_rng))
 
     def embed_inputs(
         self,
@@ -65,6 +66,7 @@ class LLaDAV(nnx.Module):
         visual_pos: jax.Array | None = None,
         visual_src: jax.Array | None = None,
         visual_w: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """Token embeddings with the visual tokens written at their placeholder positions.
 
@@ -76,7 +78,7 @@ class LLaDAV(nnx.Module):
         if pixels is None:
             return x
         b, t = pixels.shape[:2]
-        feats = self.encode_images(pixels.reshape(b * t, *pixels.shape[2:]))
+        feats = self.encode_images(pixels.reshape(b * t, *pixels.shape[2:]), dropout_rng)
         feats = feats.reshape(b, t * feats.shape[1], feats.shape[2])
         newline = jnp.broadcast_to(self.image_newline[...].astype(feats.dtype), (b, 1, x.shape[2]))
         table = jnp.concatenate([feats, newline], axis=1)
@@ -98,10 +100,14 @@ class LLaDAV(nnx.Module):
         visual_pos: jax.Array | None = None,
         visual_src: jax.Array | None = None,
         visual_w: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, L, vocab]; takes a batch dict as keyword arguments (`model(**batch)`)."""
-        x = self.embed_inputs(tokens, pixels, visual_pos, visual_src, visual_w)
-        return self.llm.logits(self.llm.hidden_states(x, positions, segment_ids))
+        """Logits [B, L, vocab]; takes a batch dict as keyword arguments (`model(**batch)`).
+        `dropout_rng`: the key of LoRA dropout (training); None: none."""
+        vision_rng, text_rng = (None, None) if dropout_rng is None else jax.random.split(
+            dropout_rng)
+        x = self.embed_inputs(tokens, pixels, visual_pos, visual_src, visual_w, vision_rng)
+        return self.llm.logits(self.llm.hidden_states(x, positions, segment_ids, text_rng))
 
 
 def create(

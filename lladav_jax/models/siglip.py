@@ -7,6 +7,8 @@ before `post_layernorm`, so the last layer, the final norm and the pooling head 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
@@ -14,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lladav_jax.models import layers
 from lladav_jax.models.attention import attention
 from lladav_jax.models.config import ModelConfig, ModelConfigLike, VisionConfig
+from lladav_jax.models.dense import Adapt
 from lladav_jax.models.layers import Numerics
 
 
@@ -21,23 +24,27 @@ class EncoderLayer(nnx.Module):
     """x += o(attn(ln1(x))); x += fc2(gelu_tanh(fc1(ln2(x))))."""
 
     def __init__(
-        self, v: VisionConfig, numerics: Numerics, attention_impl: str, *, rngs: nnx.Rngs
+        self, v: VisionConfig, numerics: Numerics, attention_impl: str, *, rngs: nnx.Rngs,
+        adapt: Callable[[str], Adapt] = lambda _name: Adapt(),
     ) -> None:
         d, m = v.hidden_size, v.intermediate_size
         self.num_heads = v.num_heads
         self.attention_impl = attention_impl
+        dense = lambda name, d_in, d_out, names: layers.linear(
+            d_in, d_out, names, numerics, rngs, use_bias=True, adapt=adapt(name))
         self.ln1 = layers.layer_norm(d, v.layer_norm_eps, numerics, rngs)
         self.ln2 = layers.layer_norm(d, v.layer_norm_eps, numerics, rngs)
-        self.q = layers.linear(d, d, ("embed", "heads"), numerics, rngs, use_bias=True)
-        self.k = layers.linear(d, d, ("embed", "heads"), numerics, rngs, use_bias=True)
-        self.v = layers.linear(d, d, ("embed", "heads"), numerics, rngs, use_bias=True)
-        self.o = layers.linear(d, d, ("heads", "embed"), numerics, rngs, use_bias=True)
-        self.fc1 = layers.linear(d, m, ("embed", "mlp"), numerics, rngs, use_bias=True)
-        self.fc2 = layers.linear(m, d, ("mlp", "embed"), numerics, rngs, use_bias=True)
+        self.q = dense("q", d, d, ("embed", "heads"))
+        self.k = dense("k", d, d, ("embed", "heads"))
+        self.v = dense("v", d, d, ("embed", "heads"))
+        self.o = dense("o", d, d, ("heads", "embed"))
+        self.fc1 = dense("fc1", d, m, ("embed", "mlp"))
+        self.fc2 = dense("fc2", m, d, ("mlp", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [N, P, D] -> [N, P, D]."""
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """x [N, P, D] -> [N, P, D]; `rng`: adapter dropout (training)."""
         n, p, d = x.shape
+        key = lambda i: None if rng is None else jax.random.fold_in(rng, i)
         heads = lambda t: layers.constrain(
             t.reshape(n, p, self.num_heads, d // self.num_heads),
             ("batch", "length", "act_heads", None),
@@ -45,12 +52,13 @@ class EncoderLayer(nnx.Module):
         h = self.ln1(x)
         # attention() applies the 1/sqrt(head_dim) scale, as SigLIP does; no mask (no padding).
         a = attention(
-            heads(self.q(h)), heads(self.k(h)), heads(self.v(h)), impl=self.attention_impl
+            heads(self.q(h, key(0))), heads(self.k(h, key(1))), heads(self.v(h, key(2))),
+            impl=self.attention_impl,
         )
         a = checkpoint_name(a.reshape(n, p, d), "attn_out")
-        x = layers.constrain(x + self.o(a), ("batch", "length", "act_embed"))
-        h = layers.constrain(self.fc1(self.ln2(x)), ("batch", "length", "act_mlp"))
-        x = x + self.fc2(jax.nn.gelu(h, approximate=True))
+        x = layers.constrain(x + self.o(a, key(3)), ("batch", "length", "act_embed"))
+        h = layers.constrain(self.fc1(self.ln2(x), key(4)), ("batch", "length", "act_mlp"))
+        x = x + self.fc2(jax.nn.gelu(h, approximate=True), key(5))
         return layers.constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -81,16 +89,18 @@ class SigLIPVision(nnx.Module):
             ),
             **layers.axes("patch", "embed"),
         )
+        adapt = lambda name: Adapt.of(cfg.lora, cfg.quantize, name, vision=True)
         self.layers = layers.scan_layers(
-            lambda r: EncoderLayer(v, numerics, cfg.attention_impl, rngs=r), v.kept_layers, rngs
+            lambda r: EncoderLayer(v, numerics, cfg.attention_impl, rngs=r, adapt=adapt),
+            v.kept_layers, rngs,
         )
 
-    def __call__(self, pixels: jax.Array) -> jax.Array:
+    def __call__(self, pixels: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = self.patch_embed(pixels)  # [N, H/p, W/p, D]; row-major flatten = HF's patch order
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         x = x + self.pos_embed[...].astype(x.dtype)
         x = layers.constrain(x, ("batch", "length", "act_embed"))
-        return layers.run_layers(self.layers, x, self.remat_policy)
+        return layers.run_layers(self.layers, x, self.remat_policy, dropout_rng)
 
 
 __all__ = ["EncoderLayer", "SigLIPVision"]

@@ -146,3 +146,23 @@ def check_config(config: Any) -> None:
     if not t_grid or not all(_is_real(t) and 0 < t <= 1 for t in t_grid):
         raise _fail("eval.t_grid", t_grid, "must be masking rates in (0, 1], at least one")
     _check_synthetic_paths(data)
+    _check_adapters(config)
+
+
+def _check_adapters(config: Any) -> None:
+    """LoRA and quantization settings the model can take (ranks, targets, tile widths), and
+    quantized weights only under LoRA: they cannot be trained themselves."""
+    from lladav_jax.models import lladav  # the model is only built abstractly, no memory
+    from lladav_jax.models.config import ModelConfig
+
+    try:
+        cfg = ModelConfig.from_config(config["model"])
+        lladav.abstract(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.quantize.weights != "none" and cfg.lora.rank == 0:
+        raise _fail("quantize.weights", cfg.quantize.weights,
+                    "quantized weights are frozen: train them through adapters (QLoRA: "
+                    "lora.rank > 0) or set quantize.weights=none")
+    if cfg.lora.rank and not (cfg.lora.targets or cfg.lora.vision_targets):
+        raise _fail("lora.targets", "", "LoRA needs at least one target layer")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT
+from lladav_jax.models.config import TEXT_TARGETS
 from lladav_jax.models.variants import model_config
 
 
@@ -20,6 +21,16 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # (its latest checkpoint) or one step directory; "" = random initialisation.
     c.init_from = ""
     c.seed = 0
+    # LoRA (rank > 0): adapters on the listed layers train, every base weight is frozen and
+    # gets no optimizer state; optim.lr.llm / .vision are the adapters' rates, and the
+    # connector trains fully while optim.lr.connector > 0. Targets: q,k,v,o,gate,up,down
+    # (LLaDA) and q,k,v,o,fc1,fc2 (vision_targets, SigLIP), comma-separated.
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, dropout=0.0, targets=",".join(TEXT_TARGETS), vision_targets=""))
+    # QLoRA: the frozen base stored as int8 or int4 (one scale per `tile` inputs) under LoRA.
+    c.quantize = ml_collections.ConfigDict(dict(weights="none", tile=128, vision=False))
+    c.model.lora = c.lora  # the same objects: --config.lora.rank=8 sets the model's too
+    c.model.quantize = c.quantize
 
     c.data = ml_collections.ConfigDict(dict(
         # synthetic | llava_json | array_record | tfds | mixture; never guessed (config_check)

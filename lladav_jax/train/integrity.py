@@ -28,6 +28,8 @@ def _words(x: jax.Array) -> jax.Array:
     """The array's raw bits as uint32, one word per element (narrower types zero-extended)."""
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
+    if jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits < 8:  # int4 weights
+        return x.astype(jnp.int32).astype(jnp.uint32)
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 

@@ -69,18 +69,20 @@ def _write_workdir_files(workdir: epath.Path, config: ml_collections.ConfigDict,
 
 
 def _initial_params(config: ml_collections.ConfigDict, mesh: Mesh,
-                    rules: sharding.Rules) -> dict:
-    if config.init_from:
-        print(f"initialising from {config.init_from}")
-        params = modeldir.load_params(config.init_from, config.model, mesh=mesh, rules=rules)
-        _, nonfinite = integrity.summarize(params)
-        if nonfinite:
-            raise ValueError(f"init_from {config.init_from}: NaN or inf in "
-                             f"{integrity.listed(nonfinite)}; the model directory is damaged "
-                             "or was saved from a diverged run")
-        return params
-    model = lladav.create(config.model, seed=config.seed, mesh=mesh, rules=rules)
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+                    layout: ModelLayout) -> dict:
+    if not config.init_from:
+        model = lladav.create(config.model, seed=config.seed, mesh=mesh, rules=layout.rules)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    print(f"initialising from {config.init_from}")
+    # LoRA / QLoRA: the base weights with fresh adapters, quantized as they load if so set.
+    params = modeldir.load_params_as(config.init_from, config.model, mesh=mesh,
+                                     rules=layout.rules, seed=config.seed)
+    _, nonfinite = integrity.summarize(params)
+    if nonfinite:
+        raise ValueError(f"init_from {config.init_from}: NaN or inf in "
+                         f"{integrity.listed(nonfinite)}; the model directory is damaged "
+                         "or was saved from a diverged run")
+    return params
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -213,7 +215,7 @@ def _start(config: ml_collections.ConfigDict, mesh: Mesh, ckpts: Checkpoints,
                                   abstract_opt_state(tx, layout), data_iter,
                                   fallback=config.train.on_bad_checkpoint == "fallback")
     if latest is None:
-        return _initial_params(config, mesh, layout.rules), None, Bookkeeping.start(config.seed)
+        return _initial_params(config, mesh, layout), None, Bookkeeping.start(config.seed)
     resume, (params, opt_state, book) = latest
     print(f"resumed from step {book.step} ({ckpts.manager.directory / str(resume)})")
     return params, opt_state, book

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 import jax
 import ml_collections
 import optax
+from flax import nnx
 
 PARTS = ("vision", "connector", "llm")
 
@@ -22,10 +23,16 @@ def part_of(path: tuple) -> str:
     return "connector" if top == "image_newline" else top
 
 
-def trainable_filter(lrs: Mapping[str, float]) -> Callable[[tuple, object], bool]:
-    """An nnx filter: parameters of the parts with a learning rate above 0."""
+def trainable_filter(lrs: Mapping[str, float],
+                     lora: bool = False) -> Callable[[tuple, object], bool]:
+    """An nnx filter: parameters of the parts with a learning rate above 0. With `lora`, of
+    the language model and the vision tower only the adapters (`nnx.LoRAParam`): their base
+    weights stay frozen; the connector trains whole."""
     live = {p for p in PARTS if float(lrs.get(p, 0.0)) > 0}
-    return lambda path, _value: part_of(path) in live
+    if not lora:
+        return lambda path, _value: part_of(path) in live
+    return lambda path, value: part_of(path) in live and (
+        part_of(path) == "connector" or isinstance(value, nnx.LoRAParam))
 
 
 def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:

@@ -86,7 +86,7 @@ def model_layout(config: ml_collections.ConfigDict, mesh: Mesh,
     defaults), split into trained and frozen parts, and the optimizer state's shardings.
     A MeshError names every parameter the mesh does not divide, or a bad rule."""
     graphdef, state = nnx.split(lladav.abstract(config.model))
-    trainable_filter = optim.trainable_filter(config.optim.lr)
+    trainable_filter = optim.trainable_filter(config.optim.lr, lora=_lora_rank(config) > 0)
     rules = sharding.logical_rules(config.mesh.get("rules"))
     sharded = sharding.abstract_with_shardings(state,
                                                sharding.state_shardings(state, mesh, rules))
@@ -95,6 +95,10 @@ def model_layout(config: ml_collections.ConfigDict, mesh: Mesh,
                                                  ...)
     return ModelLayout(graphdef, state, sharded, trainable_filter, trainable, frozen,
                        step_graphdef, opt_state_shardings(tx, trainable, mesh), rules)
+
+
+def _lora_rank(config: ml_collections.ConfigDict) -> int:
+    return int(config.model.get("lora", {}).get("rank", 0))
 
 
 def abstract_opt_state(tx: optax.GradientTransformation, layout: ModelLayout) -> Any:

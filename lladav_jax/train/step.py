@@ -39,7 +39,8 @@ def micro_loss(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, 
         rng, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id
     )
     inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
-    logits = model(**{**inputs, "tokens": noisy})
+    # LoRA dropout's key (unused, and compiled away, without adapters or at rate 0).
+    logits = model(**{**inputs, "tokens": noisy}, dropout_rng=jax.random.fold_in(rng, 1))
     total, count = objective.loss_terms(
         logits, batch["tokens"], masked, p_mask, batch["targets"], batch["segment_ids"]
     )
