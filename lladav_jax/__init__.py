@@ -1,7 +1,7 @@
 """lladav-jax: LLaDA-V in JAX/Flax.
 
     import lladav_jax as lv
-    m = lv.load(DIR)
+    m = lv.load(DIR)                    # or lv.load(DIR, quantize="int8"): int8 | int4 weights
     m.generate(image, prompt, **options)
 """
 

@@ -89,6 +89,8 @@ def test_runs_end_to_end_in_fast_mode(tmp_path, monkeypatch):
     # and commit step must agree too.
     torch_cell = _text(_cell_with(nb, "torch_reference.generate("))
     assert "the same answer ids; every position and commit step the same too" in torch_cell
+    # LoRA taught the demo the size question it never saw.
+    assert "size questions: base" in _text(_cell_with(nb, "lora_summary = train("))
     assert "skipped" in _text(_cell_with(nb, "LLADAV_HF_DIR"))
     # Nothing was written next to the committed notebook.
     assert sorted(NOTEBOOK.parent.iterdir()) == before

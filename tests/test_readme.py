@@ -52,6 +52,9 @@ NOT_RUN = {
     "lladav-plan --config configs/stage2a.py --topology v5p-64":
         "compiles the 8B training step for 32 simulated chips (minutes of CPU); "
         "tests/test_plan.py runs lladav-plan",
+    "lladav-train --config configs/lora.py --workdir /ckpt/my-lora --config.init_from=lladav-8b "
+    "--config.tokenizer=lladav-8b --config.data.path=train.json --config.quantize.weights=int4":
+        "trains the 8B model; tests/train/test_lora.py runs LoRA and QLoRA on the tiny one",
 }
 
 
@@ -136,7 +139,9 @@ PREPARE: dict[str, Callable[[pathlib.Path], None]] = {
 def substitute(words: list[str], root: pathlib.Path) -> list[str]:
     workdir = str(root / "WORKDIR")
     out = [str(REPO / w) if w.startswith("configs/") else w for w in words]
-    out = [workdir if w in ("WORKDIR", "/tmp/lladav-demo") else w for w in out]
+    out = [workdir if w in ("WORKDIR", "/tmp/lladav-demo") else w.replace("=WORKDIR",
+                                                                           f"={workdir}")
+           for w in out]
     if out[0] == "lladav-train":
         out.append(SMOKE)
     return out
@@ -163,6 +168,12 @@ def assert_nonempty(path: pathlib.Path) -> None:
 
 def model_directory(path: pathlib.Path) -> None:
     assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
+
+
+def adapter_directory(path: pathlib.Path) -> None:
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    assert (path / "adapter_model.safetensors").exists()
 
 
 def eval_outputs(root: pathlib.Path, stdout: str) -> None:
@@ -193,6 +204,10 @@ CHECKS: dict[str, Callable[[pathlib.Path, str], None]] = {
     "lladav-eval --ckpt WORKDIR --data questions.jsonl --out predictions.jsonl --preset chartqa":
         eval_outputs,
     "python -m lladav_jax.models 8b": model_counts,
+    "lladav-convert export-hf --ckpt demo-lora --out demo-lora-peft --adapter_only":
+        lambda root, _: adapter_directory(root / "demo-lora-peft"),
+    "lladav-convert import-hf --adapter demo-lora-peft --base lladav-8b --out demo-lora-again":
+        lambda root, _: model_directory(root / "demo-lora-again"),
 }
 
 

@@ -4,6 +4,9 @@
     lladav-convert import-hf --llm DIR --vision DIR --out DIR [--seed N]   # stage-1 start
     lladav-convert export-hf --ckpt DIR --out D [--dtype bfloat16|float32] [--shard_bytes N]
 
+A LoRA or QLoRA model directory exports merged; its adapters alone (a PEFT adapter directory)
+are `lladav_jax.checkpoints.peft_adapter`'s.
+
 Keys and shapes are those of docs/design.md §6.1 (the table in `lladav_jax.models.hf_params`). Both
 directions stream: tensors are read and written a block of rows at a time, so peak memory is
 a few blocks, not the model. Everything is checked before anything is written (one error
@@ -30,9 +33,10 @@ from flax import nnx, traverse_util
 from tqdm import tqdm
 
 from lladav_jax import paths
-from lladav_jax.checkpoints import modeldir, safetensors_io
+from lladav_jax.checkpoints import modeldir, peft_adapter, safetensors_io
 from lladav_jax.checkpoints.safetensors_io import PendingTensor
 from lladav_jax.models import hf_params, lladav, variants
+from lladav_jax.models.config import ModelConfig
 from lladav_jax.models.hf_config import (
     ConversionError,
     config_from_hf,
@@ -213,11 +217,15 @@ def export_hf(
     progress: bool | None = None, allow_nonfinite: bool = False,
 ) -> epath.Path:
     """A model directory -> the official layout: safetensors shards of ~shard_bytes with
-    `model.safetensors.index.json`, `config.json` (llava_llada) and the tokenizer files."""
+    `model.safetensors.index.json`, `config.json` (llava_llada) and the tokenizer files. A LoRA
+    or QLoRA model is exported merged (`peft_adapter.merged_params`)."""
     out_dtype = safetensors_io.DTYPES[safetensors_io.dtype_code(_float_dtype(dtype))]
     cfg = modeldir.load_config(ckpt)
     modeldir.check_params(ckpt, cfg)
-    stored = modeldir.open_params(ckpt)
+    # A LoRA or quantized model is written as the plain model it computes (adapters folded in,
+    # weights dequantized), merged a block at a time as it is read.
+    stored = peft_adapter.merged_params(ckpt, cfg)
+    cfg = ModelConfig.from_config(cfg).plain().to_config()
     entries = hf_params.lladav_entries(cfg)
     shapes = hf_params.expected_hf_shapes(entries, lladav.abstract_params(cfg))
     itemsize = max(max(p.dtype.itemsize for p in stored.values()), 4)

@@ -32,7 +32,7 @@ from flax import nnx, traverse_util
 from lladav_jax import paths
 from lladav_jax.checkpoints import orbax_streaming
 from lladav_jax.models import adapters, lladav
-from lladav_jax.models.config import ModelConfig, ModelConfigLike
+from lladav_jax.models.config import ModelConfig, ModelConfigLike, QuantConfig
 from lladav_jax.scale import sharding
 
 CONFIG_FILE = "config.json"
@@ -291,27 +291,29 @@ def _stored_plain(stored: Mapping[tuple[str, ...], StoredParam], cfg: ModelConfi
     if key in stored:
         w = stored[key][...]
     else:
-        w = adapters.dequantized(stored[parent + ("qvalue",)][...],
-                                 stored[parent + ("qscale",)][...])
-    if parent + ("lora_a",) in stored:
-        w = adapters.with_delta(w, stored[parent + ("lora_a",)][...],
-                                stored[parent + ("lora_b",)][...],
+        w = adapters.dequantized(stored[(*parent, "qvalue")][...],
+                                 stored[(*parent, "qscale")][...])
+    if (*parent, "lora_a") in stored:
+        w = adapters.with_delta(w, stored[(*parent, "lora_a")][...],
+                                stored[(*parent, "lora_b")][...],
                                 cfg.lora.alpha / cfg.lora.rank)
     return w
 
 
 def load_model(
     path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules=sharding.DEFAULT_RULES,
-    quantize: str | None = None,
+    quantize: str | QuantConfig | None = None,
 ) -> tuple[lladav.LLaDAV, ml_collections.ConfigDict]:
     """(model, config) from a model directory; with a mesh, born sharded (never whole).
-    `quantize` (int8 | int4): its weights quantized as they load, any adapters merged first
-    (the returned config says so)."""
+    `quantize` (int8 | int4, or a whole QuantConfig with its tile and vision setting): its
+    weights quantized as they load, any adapters merged first (the returned config says so)."""
     cfg = load_config(path)
-    if quantize and quantize != "none":
+    if isinstance(quantize, str):
         typed = ModelConfig.from_config(cfg)
-        cfg = dataclasses.replace(typed.plain(), quantize=dataclasses.replace(
-            typed.quantize, weights=quantize)).to_config()
+        quantize = dataclasses.replace(typed.quantize, weights=quantize)
+    if quantize is not None and quantize.weights != "none":
+        typed = ModelConfig.from_config(cfg)
+        cfg = dataclasses.replace(typed.plain(), quantize=quantize).to_config()
         params = load_params_as(path, cfg, mesh=mesh, rules=rules)
     else:
         params = load_params(path, cfg, mesh=mesh, rules=rules)

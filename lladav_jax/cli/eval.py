@@ -1,7 +1,7 @@
 """lladav-eval: answer every question of a JSONL file and score the answers.
 
   lladav-eval --ckpt DIR --data FILE.jsonl --out FILE.jsonl [--preset NAME] [--batch_size N]
-    [--metric exact|relaxed] [sampler flags of lladav-generate]
+    [--metric exact|relaxed] [sampler and --quantize flags of lladav-generate]
 
 What is scored and how: `lladav_jax.inference.scoring`. Prints the accuracy; writes every row with
 its prediction and whether it was right to --out, one line per row as it is answered.
@@ -18,13 +18,19 @@ import sys
 from collections.abc import Sequence
 
 from lladav_jax.cli import errors
-from lladav_jax.cli.generate import add_sampler_flags, checked_sampler_options
+from lladav_jax.cli.generate import (
+    add_quantize_flags,
+    add_sampler_flags,
+    checked_sampler_options,
+    load_options,
+)
 from lladav_jax.inference.scoring import METRICS, PRESETS, prompt_of, read_rows, score
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lladav-eval", description=__doc__.split("\n\n")[0])
     add_sampler_flags(p)
+    add_quantize_flags(p)
     p.add_argument("--data", required=True, help="JSONL rows: image, question, answer[, choices]")
     p.add_argument("--out", required=True, help="JSONL: every row with its prediction")
     p.add_argument("--preset", choices=sorted(PRESETS),
@@ -63,13 +69,14 @@ def _main(argv: Sequence[str] | None) -> int:
     metric = args.metric or preset.pop("metric", "exact")
     preset.pop("metric", None)
     options = checked_sampler_options(p, args, preset)
+    quantize = load_options(p, args)
     rows = read_rows(args.data)  # bad data fails before the model is loaded
 
     from tqdm import tqdm
 
     from lladav_jax.inference import api
 
-    model = api.load(args.ckpt)
+    model = api.load(args.ckpt, **quantize)  # a tile the model cannot take fails here: no --out
     size = min(args.batch_size, len(rows))
     results = []
     out = pathlib.Path(args.out)

@@ -3,11 +3,13 @@
   lladav-generate --ckpt DIR --image PATH [--image PATH ...] --prompt TEXT [--gen_length N]
     [--steps N] [--block_length N] [--temperature T] [--remasking low_confidence|random]
     [--cfg_scale S] [--cache none|prefix|dual] [--threshold P] [--seed S] [--output_ids]
-    [--stream] [--order_png PATH]
+    [--stream] [--order_png PATH] [--quantize none|int8|int4] [--quantize_tile N]
+    [--quantize_vision]
 
 Prints the answer. With --output_ids it prints one JSON line instead: the answer, its token ids,
 every generated id and the steps run. --stream prints each block's text as it is decoded;
---order_png draws the order in which the answer's tokens were committed.
+--order_png draws the order in which the answer's tokens were committed. --quantize loads the
+weights as int8 or int4 (weight-only; `lladav_jax.inference.api.load`).
 (also `python -m lladav_jax.cli.generate ...`)
 """
 
@@ -22,6 +24,9 @@ from lladav_jax.cli import errors
 from lladav_jax.diffusion.sampler import CACHES, REMASKING, SamplerOptions
 
 DEFAULTS = SamplerOptions.defaults()  # every sampler option, by name
+# `lladav_jax.models.config.WEIGHT_FORMATS`, spelt out: importing it would import JAX before the
+# flags are checked (a test keeps the two the same).
+QUANTIZE_FORMATS = ("none", "int8", "int4")
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
@@ -47,6 +52,33 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    "with, read from a training workdir, else the official one)")
 
 
+def add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    """--quantize, --quantize_tile and --quantize_vision: weight-only quantization at load."""
+    p.add_argument("--quantize", choices=QUANTIZE_FORMATS, default="none",
+                   help="quantize the weights as they load: the language model's linear layers, "
+                   "head and embedding table; int8 (one scale per output channel) or int4 (one "
+                   "per --quantize_tile inputs). Activations and caches keep the compute dtype "
+                   "(default none)")
+    p.add_argument("--quantize_tile", type=int, default=128,
+                   help="int4: inputs per scale; must divide every quantized layer's input width "
+                   "(a narrower layer uses its whole width) (default 128)")
+    p.add_argument("--quantize_vision", action="store_true",
+                   help="quantize the vision tower's linear layers too (default: kept)")
+
+
+def load_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The keyword arguments of `api.load` from the --quantize flags, checked before the model
+    loads (a usage error, exit 2); whether the tile fits the model is checked by `api.load`,
+    once its config is read (exit 1)."""
+    errors.require_positive(parser, args, ("quantize_tile",))
+    if args.quantize_vision and args.quantize == "none":
+        parser.error("--quantize_vision: needs --quantize int8 or int4")
+    if args.quantize == "none":
+        return {}
+    return {"quantize": args.quantize, "quantize_tile": args.quantize_tile,
+            "quantize_vision": args.quantize_vision}
+
+
 def sampler_options(args: argparse.Namespace, base: dict | None = None) -> dict:
     """Options for Model.generate: flags given, else `base` (a preset), else the sampler's
     defaults (DEFAULTS)."""
@@ -70,6 +102,7 @@ def checked_sampler_options(parser: argparse.ArgumentParser, args: argparse.Name
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lladav-generate", description=__doc__.split("\n\n")[0])
     add_sampler_flags(p)
+    add_quantize_flags(p)
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--output_ids", action="store_true",
@@ -104,9 +137,10 @@ def _main(argv: Sequence[str] | None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     options = checked_sampler_options(p, args)
+    quantize = load_options(p, args)
     from lladav_jax.inference import api  # jax is imported only once the flags are good
 
-    model = api.load(args.ckpt)
+    model = api.load(args.ckpt, **quantize)
     streamer = _Streamer(sys.stdout) if args.stream else None
     result = model.generate(args.image, args.prompt, seed=args.seed, on_block=streamer,
                             return_details=True, system=args.system, **options)

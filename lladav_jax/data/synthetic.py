@@ -10,6 +10,10 @@ AnyRes grids vary), one question of four types with a one-word answer, balanced 
 
 `train` and `test` draw from different random streams, so the held-out split never repeats a
 training sample. `kind="caption"` gives the same images with captions (for the `plain` stage).
+`kind="size"` asks a fifth question that the `qa` kind never asks, for fine-tuning a trained
+demo on something new (configs/demo_lora.py):
+
+    size        "Is the circle big?"               -> yes | no
 
     source = SyntheticSource(1000, split="train")   # a Grain random-access data source
     write_llava_json("data/train.json", "data/images", 1000, split="train")
@@ -36,8 +40,10 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three", "four")
 POSITIONS = ("left", "right", "top", "bottom")
-QUESTION_TYPES = ("color", "shape", "count", "position")
-ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS}
+SIZES = ("yes", "no")  # "is it big?": one token each in the demo tokenizer, like every answer
+QUESTION_TYPES = ("color", "shape", "count", "position")  # the `qa` kind's
+ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS,
+           "size": SIZES}
 QUESTIONS = {
     "color": ("What color is the shape?", "Which color is the {shape}?"),
     "shape": ("What shape is this?", "What shape is the {color} object?"),
@@ -46,10 +52,11 @@ QUESTIONS = {
         "Where is the {color} {shape}?",
         "Is the {color} {shape} left, right, top or bottom?",
     ),
+    "size": ("Is the {shape} big?", "Is this {shape} a big one?"),
 }
 CAPTION_PROMPT = "Describe the image."
 SPLITS = {"train": 0, "test": 1}  # part of the random key: the splits never share a stream
-KINDS = ("qa", "caption")
+KINDS = ("qa", "caption", "size")
 MIN_SIDE, MAX_SIDE = 60, 300
 
 
@@ -106,7 +113,10 @@ def _scene(rng: np.random.Generator, qtype: str, answer: str):
         jitter = rng.uniform(-0.1, 0.1) * m
         cx, cy = (cx, cy + jitter) if answer in ("left", "right") else (cx + jitter, cy)
     else:
-        r = rng.uniform(0.2, 0.3) * m
+        # size: radii a factor of two apart at least, whatever the image's size.
+        low, high = {"yes": (0.30, 0.40), "no": (0.08, 0.15)}.get(
+            answer if qtype == "size" else "", (0.2, 0.3))
+        r = rng.uniform(low, high) * m
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     return w, h, background, [(shape, color, cx, cy, r)]
 
@@ -137,8 +147,9 @@ def _sample(index: int, split: str, seed: int, kind: str) -> tuple[dict[str, Any
         raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
     rng = _rng(seed, split, index)
     # Question type and answer cycle with the index: every answer equally often.
-    n_types = len(QUESTION_TYPES)
-    qtype = QUESTION_TYPES[index % n_types]
+    types = ("size",) if kind == "size" else QUESTION_TYPES
+    n_types = len(types)
+    qtype = types[index % n_types]
     answers = ANSWERS[qtype]
     answer = answers[(index // n_types) % len(answers)]
     scene = _scene(rng, qtype, answer)

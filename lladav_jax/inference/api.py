@@ -4,6 +4,7 @@
     m = lv.load("workdir")                      # a model dir, a training workdir or a step dir
     m.generate("cat.png", "What is this?", gen_length=32, steps=32, block_length=32)
     m.generate_batch([("a.png", "Color?"), (["b.png", "c.png"], "Same?")], cache="dual")
+    m8 = lv.load("workdir", quantize="int8")   # weight-only int8 (or int4), quantized as it loads
 
 Images may be PIL images, paths or encoded bytes; a prompt without `<image>` tags gets one
 `<image>\\n` per image in front. Prompts of a batch are left-padded to a common length (rounded
@@ -13,14 +14,17 @@ up to PROMPT_BUCKET so that nearby lengths share a compiled program).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 from lladav_jax.checkpoints import modeldir
@@ -30,6 +34,8 @@ from lladav_jax.data.layout import collate_visual
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, encode_prompt
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds, compiled_generate
+from lladav_jax.models import lladav
+from lladav_jax.models.config import ModelConfig, QuantConfig
 from lladav_jax.models.lladav import LLaDAV
 from lladav_jax.scale import sharding
 
@@ -242,16 +248,63 @@ class Model:
         return result
 
 
+def weight_bytes(module: nnx.Module) -> int:
+    """Bytes of every parameter of `module` (concrete or abstract: shapes and dtypes only), int4
+    counted at half a byte (XLA packs it two to a byte on accelerators)."""
+    bits = lambda dtype: 4 if jnp.dtype(dtype) == jnp.int4 else 8 * jnp.dtype(dtype).itemsize
+    return sum(math.prod(x.shape) * bits(x.dtype) // 8
+               for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def quantization(quantize: str | None, tile: int = 128, vision: bool = False) -> QuantConfig:
+    """The weight quantization that `load` applies: `quantize` none (None) | int8 | int4 for the
+    language model's linear layers, head and embedding table; `tile` inputs per int4 scale;
+    `vision` the vision tower's linear layers too. A ValueError names a setting out of range."""
+    try:
+        return QuantConfig(weights=quantize or "none", tile=tile, vision=vision)
+    except ValueError as e:  # QuantConfig names the config fields; the caller gave arguments
+        raise ValueError(str(e).replace("quantize.weights", "quantize").replace(
+            "quantize.tile", "quantize_tile")) from None
+
+
+def check_quantization(config: ml_collections.ConfigDict, quant: QuantConfig) -> None:
+    """A ValueError naming the int4 tile if it does not divide an input width of a layer the
+    model would quantize; checked on the abstract model, before any weight is read."""
+    if quant.weights == "none":
+        return
+    typed = ModelConfig.from_config(config)
+    try:
+        lladav.abstract(dataclasses.replace(typed.plain(), quantize=quant))
+    except ValueError as e:
+        if "quantize.tile" not in str(e):  # not the tile (`quant.tile_for`): as it is
+            raise
+        raise ValueError(f"quantize_tile={quant.tile} does not fit this model ({e}); int4 "
+                         "keeps one scale per tile inputs of a layer, so the tile must divide "
+                         "every quantized layer's input width") from None
+
+
 def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
-         rules: sharding.Rules | None = None) -> Model:
+         rules: sharding.Rules | None = None, *, quantize: str | None = None,
+         quantize_tile: int = 128, quantize_vision: bool = False) -> Model:
     """A Model from a model directory, a training workdir (its latest step) or a step directory;
     with a mesh the parameters are restored sharded, logical axes mapped by `rules` (default:
-    the rules of the training run that wrote `path`, its `mesh.rules` over DEFAULT_RULES)."""
+    the rules of the training run that wrote `path`, its `mesh.rules` over DEFAULT_RULES).
+
+    `quantize` int8 | int4: weight-only quantization as the weights load, one stored array at a
+    time (the float model is never whole in memory): the language model's linear layers, head
+    and embedding table, and with `quantize_vision` the vision tower's linear layers (off by
+    default: the tower is small and its features feed every answer). int8 has one scale per
+    output channel; int4 one per `quantize_tile` inputs. Activations and the sampler's caches
+    stay in the compute dtype. A setting the model cannot take is a ValueError naming it,
+    raised before any weight is read."""
+    quant = quantization(quantize, quantize_tile, quantize_vision)
     paths = modeldir.resolve(path)
+    check_quantization(modeldir.load_config(path), quant)
     if mesh is not None and rules is None:
         mesh_config = modeldir.run_config(paths.tokenizer_dir).get("mesh", {})
         rules = sharding.logical_rules(mesh_config.get("rules"))
-    module, config = modeldir.load_model(path, mesh=mesh, rules=rules or sharding.DEFAULT_RULES)
+    module, config = modeldir.load_model(path, mesh=mesh, rules=rules or sharding.DEFAULT_RULES,
+                                         quantize=quant if quant.weights != "none" else None)
     tokenizer = Tokenizer.load(paths.tokenizer_dir)
     return Model(module, config, tokenizer, trained_system_prompt(paths.tokenizer_dir))
 

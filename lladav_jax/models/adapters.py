@@ -73,9 +73,9 @@ def adapt_stream(plain: Callable[[tuple[str, ...]], jax.Array | np.ndarray],
             out[key] = lora[key]
         elif leaf in ("qvalue", "qscale"):
             embed = parent[-1] == "embed"
-            w = jax.device_put(plain(parent + ("embedding" if embed else "kernel",)),
-                               place.get(parent + ("qvalue",)))
-            out[parent + ("qvalue",)], out[parent + ("qscale",)] = _quantize(
+            w = jax.device_put(plain((*parent, "embedding" if embed else "kernel")),
+                               place.get((*parent, "qvalue")))
+            out[(*parent, "qvalue")], out[(*parent, "qscale")] = _quantize(
                 jnp.asarray(w, dtype), cfg.quantize.weights, cfg.quantize.tile,
                 -1 if embed else -2, dtype)
         else:
@@ -121,13 +121,13 @@ def merge(params: Mapping, cfg: ModelConfigLike) -> dict:
             continue
         if leaf == "qvalue":
             name = "embedding" if parent[-1] == "embed" else "kernel"
-            out[parent + (name,)] = quant.dequantize(value, flat[parent + ("qscale",)], dtype)
+            out[(*parent, name)] = quant.dequantize(value, flat[(*parent, "qscale")], dtype)
         else:
             out[key] = value
     scale = cfg.lora.alpha / cfg.lora.rank if cfg.lora.rank else 0.0
     for key in [k for k in flat if k[-1] == "lora_a"]:
-        kernel = key[:-1] + ("kernel",)
-        merged = out[kernel].astype(jnp.float32) + _delta(flat[key], flat[key[:-1] + ("lora_b",)],
+        kernel = (*key[:-1], "kernel")
+        merged = out[kernel].astype(jnp.float32) + _delta(flat[key], flat[(*key[:-1], "lora_b")],
                                                           scale)
         out[kernel] = merged.astype(dtype)
     return traverse_util.unflatten_dict(out)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lladav_jax.models.attention import IMPLEMENTATIONS
+from lladav_jax.models.dense import Adapt
 from lladav_jax.models.layers import REMAT_POLICIES, Numerics
 
 CONNECTORS = ("mlp2x_gelu",)
@@ -213,6 +214,15 @@ class ModelConfig:
     def adapted(self) -> bool:
         """Whether the model has adapters or quantized weights (not the plain layout)."""
         return self.lora.rank > 0 or self.quantize.weights != "none"
+
+    def adapt(self, name: str, *, vision: bool = False, adapter: bool = True) -> Adapt:
+        """What layer `name` of the language model (or of the vision tower) gets: an adapter
+        if it is a LoRA target (and `adapter`), quantized weights if they are set for it."""
+        lora, q = self.lora, self.quantize
+        rank = lora.rank if adapter and name in (lora.vision_targets if vision
+                                                 else lora.targets) else 0
+        weights = q.weights if (q.vision or not vision) else "none"
+        return Adapt(rank, lora.alpha, lora.dropout, weights, q.tile)
 
     def plain(self) -> ModelConfig:
         """The same model without adapters or quantization: the layout its base weights have

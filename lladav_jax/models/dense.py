@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lladav_jax.models import quant
-
-if TYPE_CHECKING:  # config imports layers, which imports this file
-    from lladav_jax.models.config import LoraConfig, QuantConfig
 
 
 def axes(*names: str | None) -> dict:
@@ -46,22 +42,14 @@ class QuantizedParam(nnx.Param):
 
 @dataclasses.dataclass(frozen=True)
 class Adapt:
-    """What one layer gets: LoRA (rank > 0) and/or a weight format (`quant.FORMATS`)."""
+    """What one layer gets: LoRA (rank > 0) and/or a weight format (`quant.FORMATS`);
+    `ModelConfig.adapt(name)` makes it from the config."""
 
     rank: int = 0
     alpha: float = 0.0
     dropout: float = 0.0
     weights: str = "none"
     tile: int = 128
-
-    @classmethod
-    def of(cls, lora: LoraConfig, quantize: QuantConfig, name: str, *, vision: bool = False,
-           adapter: bool = True) -> Adapt:
-        """The settings of layer `name` of the language model (or of the vision tower)."""
-        targets = lora.vision_targets if vision else lora.targets
-        rank = lora.rank if adapter and name in targets else 0
-        weights = quantize.weights if (quantize.vision or not vision) else "none"
-        return cls(rank, lora.alpha, lora.dropout, weights, quantize.tile)
 
 
 NONE = Adapt()

@@ -111,13 +111,13 @@ class LLaDA(nnx.Module):
         q = cfg.quantize
         self.embed = Embedding(t.vocab_size, t.hidden_size, ("vocab", "embed"), numerics.dtype,
                                numerics.param_dtype, rngs, weights=q.weights, tile=q.tile)
-        adapt = lambda name: Adapt.of(cfg.lora, q, name)
+        adapt = cfg.adapt
         self.layers = layers.scan_layers(
             lambda r: Block(t, numerics, cfg.attention_impl, r, adapt), t.num_layers, rngs
         )
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, numerics)
         self.lm_head = linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), numerics, rngs,
-                              adapt=Adapt.of(cfg.lora, q, "lm_head", adapter=False))
+                              adapt=cfg.adapt("lm_head", adapter=False))
 
     def hidden_states(
         self,

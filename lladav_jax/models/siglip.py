@@ -89,7 +89,7 @@ class SigLIPVision(nnx.Module):
             ),
             **layers.axes("patch", "embed"),
         )
-        adapt = lambda name: Adapt.of(cfg.lora, cfg.quantize, name, vision=True)
+        adapt = lambda name: cfg.adapt(name, vision=True)
         self.layers = layers.scan_layers(
             lambda r: EncoderLayer(v, numerics, cfg.attention_impl, rngs=r, adapt=adapt),
             v.kept_layers, rngs,

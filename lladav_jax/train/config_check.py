@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lladav_jax.data.featurize import OVERLONG
+from lladav_jax.data.synthetic import KINDS
 from lladav_jax.data.template import TEMPLATES
 
 
@@ -67,6 +68,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.min_seen_for_abort": _int_at_least(0),
     "data.overlong": ((lambda v: v in OVERLONG), f"must be one of {', '.join(OVERLONG)}"),
     "data.template": ((lambda v: v in TEMPLATES), f"must be one of {', '.join(TEMPLATES)}"),
+    "data.synthetic_kind": ((lambda v: v in KINDS), f"must be one of {', '.join(KINDS)}"),
     "optim.warmup_ratio": _real(lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.clip_norm": _real(lambda v: v >= 0, ">= 0"),
     "optim.b1": _real(lambda v: 0 <= v < 1, "in [0, 1)"),

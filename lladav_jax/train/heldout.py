@@ -21,7 +21,8 @@ from lladav_jax.train.validation import answer_span
 def masked_answer_accuracy(model: nnx.Module, config: ml_collections.ConfigDict,
                            tokenizer: Tokenizer, batch_size: int = 16) -> dict:
     """Accuracy overall and per question type on `config.data.eval_size` held-out samples."""
-    source = SyntheticSource(config.data.eval_size, split="test", seed=config.data.seed)
+    source = SyntheticSource(config.data.eval_size, split="test", seed=config.data.seed,
+                             kind=config.data.get("synthetic_kind", "qa"))
     featurize = make_featurizer(config, tokenizer)
     items = []
     for i in range(len(source)):

@@ -22,7 +22,8 @@ def load_tokenizer(path: str) -> Tokenizer:
 def one_source(kind: str, spec: Any, seed: int) -> Any:
     """One source of `kind` from its settings (`path`, `image_folder`, `split`, `size`)."""
     if kind == "synthetic":
-        return SyntheticSource(spec.get("size", 4096), split="train", seed=seed)
+        return SyntheticSource(spec.get("size", 4096), split="train", seed=seed,
+                               kind=spec.get("synthetic_kind", "qa"))
     if not spec.get("path"):
         raise ValueError(f"data source {kind!r} needs a path (--config.data.path=...)")
     if kind == "llava_json":

@@ -54,7 +54,8 @@ def eval_source(config: ml_collections.ConfigDict) -> Any:
                 "size": config.eval.samples}
         return one_source(kind, spec, d.seed)
     if d.source == "synthetic":
-        return SyntheticSource(config.eval.samples, split="test", seed=d.seed)
+        return SyntheticSource(config.eval.samples, split="test", seed=d.seed,
+                               kind=d.get("synthetic_kind", "qa"))
     raise ValueError(f"eval.every={config.eval.every} needs a held-out set: "
                      f"--config.data.eval_path=... (data.source is {d.source!r})")
 
