@@ -9,8 +9,13 @@
     lladav-convert export-hf --ckpt /ckpt/my-lora --out /ckpt/my-lora-peft --adapter_only
 
 QLoRA (the frozen base stored in int4, adapters in float32): add
-`--config.quantize.weights=int4` (or int8). Adapters on other layers:
-`--config.lora.targets=q,v` (LLaDA: q,k,v,o,gate,up,down) and
+`--config.quantize.weights=int4` (or int8). As it is, this config plans 32.6 GiB a chip (an
+H100 fits it), QLoRA int4 21.5 GiB (a v6e-1); on a 16 GB chip (v5e-1) QLoRA int4 with rows of
+2048 tokens and one 384-px image each plans 12.2 GiB: `--config.quantize.weights=int4
+--config.data.seq_len=2048 --config.model.image.max_tiles=2
+--config.model.image.max_visual_tokens=1485` (BENCHMARKS.md, "memory plans").
+
+Adapters on other layers: `--config.lora.targets=q,v` (LLaDA: q,k,v,o,gate,up,down) and
 `--config.lora.vision_targets=q,v` (SigLIP: q,k,v,o,fc1,fc2, trained at optim.lr.vision).
 The connector is frozen here; `--config.optim.lr.connector=1e-5` trains it whole, and then
 the merged export carries it (a PEFT adapter holds the LoRA weights only).
@@ -22,6 +27,8 @@ from lladav_jax.train.defaults import sft_8b
 def get_config():
     c = sft_8b()
     c.data.source = "llava_json"
+    # The frozen base in bfloat16 (the adapters stay float32): 16 GB of weights, not 32.
+    c.model.param_dtype = "bfloat16"
     c.lora.rank = 16
     c.lora.alpha = 32.0
     c.lora.dropout = 0.05

@@ -3,6 +3,17 @@
     lladav-plan --config configs/stage2a.py --topology v5p-64 [--devices N] [--mfu 0.45]
         [--hbm_margin 0.1] [--json plan.json] [--nosampler] [--config.data.seq_len=4096]
 
+LoRA / QLoRA training (frozen base weights: no optimizer state, no gradients; int4 counted at
+half a byte):
+
+    lladav-plan --config configs/lora.py --topology v5e-1 --config.quantize.weights=int4
+
+Inference alone, the weights stored as int8 / int4 (the sampler's weights, K/V cache and
+temporaries for one prompt):
+
+    lladav-plan --inference --quantize int8 --config configs/stage2a.py --topology v5e-1 \
+        --prompt_len 1485 --gen_length 128
+
 What is compiled and reported: `lladav_jax.scale.plan`.
 """
 
@@ -18,7 +29,13 @@ from ml_collections import config_flags
 
 from lladav_jax.cli import errors
 from lladav_jax.scale import topology as topo
-from lladav_jax.scale.plan import SamplerSpec, plan, report, use_simulated_cpu_devices
+from lladav_jax.scale.plan import (
+    SamplerSpec,
+    plan,
+    plan_inference,
+    use_simulated_cpu_devices,
+)
+from lladav_jax.scale.plan_report import report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A training config, e.g. configs/stage2a.py.", lock_config=True)
@@ -42,6 +59,13 @@ _PROMPT_LEN = flags.DEFINE_integer(
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 128, "Sampler: answer tokens.")
 _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Sampler: block length.")
 _CACHE = flags.DEFINE_enum("cache", "dual", ["none", "prefix", "dual"], "Sampler: KV cache.")
+_INFERENCE = flags.DEFINE_boolean(
+    "inference", False, "Plan inference alone: compile the sampler, not the train step.")
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize", "", ["", "none", "int8", "int4"], "Sampler: the weights' storage. int8 | int4: "
+    "the plain model (adapters merged) quantized as `load_model(quantize=...)` loads it; none: "
+    "the plain model in model.param_dtype; unset: the config's model as it is (a LoRA / QLoRA "
+    "config's adapters and quantized base).")
 errors.define_absl_debug_flag()
 
 # Ranges, checked as the flags are parsed (absl: "flag --mfu=0.0: must be in (0, 1]").
@@ -66,13 +90,16 @@ def _run(argv: list[str]) -> int:
         raise RuntimeError(f"asked for {n} simulated CPU devices but JAX started with "
                            f"{jax.device_count()} (its backend was initialised before the "
                            "flag took)")
-    spec = None
-    if _SAMPLER.value:
-        spec = SamplerSpec(_INFER_BATCH.value, _PROMPT_LEN.value, _GEN_LENGTH.value,
-                           _BLOCK_LENGTH.value, _CACHE.value)
+    spec = SamplerSpec(_INFER_BATCH.value, _PROMPT_LEN.value, _GEN_LENGTH.value,
+                       _BLOCK_LENGTH.value, _CACHE.value)
     # A MeshError (a mesh that does not divide the model) is a ValueError: one line.
-    result = plan(config, target, n, mfu=_MFU.value, hbm_margin=_MARGIN.value,
-                  sampler_spec=spec)
+    if _INFERENCE.value:
+        result = plan_inference(config, target, n, spec=spec, quantize=_QUANTIZE.value or None,
+                                hbm_margin=_MARGIN.value)
+    else:
+        result = plan(config, target, n, mfu=_MFU.value, hbm_margin=_MARGIN.value,
+                      sampler_spec=spec if _SAMPLER.value else None,
+                      quantize=_QUANTIZE.value or None)
     print(report(result), flush=True)
     if _JSON.value:
         with open(_JSON.value, "w") as fh:

@@ -119,7 +119,7 @@ def sft_8b() -> ml_collections.ConfigDict:
     c.data.seq_len = 8192
     c.data.batch_size = 256
     # 8 micro-batches of 32 rows: one 8192-token row per chip of a v5p-64 at a time, which
-    # `lladav-plan --topology v5p-64` finds fits (63.5 of 85.5 GiB); the whole batch at once
+    # `lladav-plan --topology v5p-64` finds fits (56.3 of 85.5 GiB); the whole batch at once
     # needs ~400 GiB a chip. On N chips in the batch axes, 256 / N micro-batches.
     c.train.grad_accum = 8
     c.data.window = 2048

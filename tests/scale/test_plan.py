@@ -10,14 +10,16 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from lladav_jax.models import flops, lladav
-from lladav_jax.scale import plan, sharding, topology
+from lladav_jax.models.config import ModelConfig
+from lladav_jax.scale import memory, plan, plan_report, sharding, topology
 from lladav_jax.train import metrics
-from lladav_jax.train.defaults import base_config
+from lladav_jax.train.defaults import base_config, sft_8b
 
 MESH = dict(data=2, fsdp=2, tensor=2, slices=1)
 
@@ -201,3 +203,125 @@ def test_cli_end_to_end(tmp_path):
     assert r["per_device"]["parameters"] == per_device
     assert r["sampler"]["parameters_per_device"] == per_device
     assert r["sampler"]["memory"]["total"] > 0 and r["sampler"]["gen_length"] == 32
+
+
+# LoRA, QLoRA and quantized inference. The 8b figures below are the analytic part of a plan
+# (`state_bytes`, `inference_weight_bytes`: shapes and shardings only, seconds); the compiled
+# plans run on a tiny model.
+
+
+def one_chip_8b(rank: int = 0, weights: str = "none"):
+    """The 8b SFT config on one chip: bf16 storage and compute, LoRA rank / base format."""
+    c = sft_8b()
+    c.model.param_dtype = "bfloat16"
+    c.lora.rank, c.quantize.weights = rank, weights
+    return c
+
+
+@pytest.fixture(scope="module")
+def one_device_mesh():
+    return sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), jax.devices()[:1])
+
+
+def test_int4_counts_half_a_byte():
+    """numpy says an int4 takes a byte; XLA packs two a byte, and so does the plan."""
+    assert np.dtype(jnp.int4).itemsize == 1
+    assert memory.nbytes((1024, 1024), jnp.int4) == 512 * 1024
+    assert memory.nbytes((3,), jnp.int4) == 2 and memory.nbytes((4, 8), jnp.bfloat16) == 64
+    x = jax.ShapeDtypeStruct((1024, 1024), jnp.int4)
+    compiled = jax.jit(lambda q: q.astype(jnp.float32).sum()).lower(x).compile()
+    assert compiled.memory_analysis().argument_size_in_bytes == memory.nbytes(x.shape, x.dtype)
+
+
+def test_lora_8b_frozen_base_has_no_optimizer_state(one_device_mesh):
+    full = plan.state_bytes(one_chip_8b(), one_device_mesh)
+    lora = plan.state_bytes(one_chip_8b(16), one_device_mesh)
+    # Full fine-tuning trains every part (sft_8b); LoRA the adapters (float32) and connector.
+    assert full["parameters_frozen"] == 0
+    assert full["optimizer_state"] >= 2 * full["parameters_trained"]
+    # The base weights are frozen: no moments, no gradients. Rank 16 on the 7 projections of
+    # 32 layers is 42 M float32 parameters, plus the 21.5 M-parameter connector.
+    assert lora["parameters_frozen"] > 0.98 * full["parameters"]
+    assert lora["optimizer_state"] < 0.02 * full["optimizer_state"]  # the issue: < 5%
+    assert 0 <= lora["optimizer_state"] - 2 * lora["parameters_trained"] <= 4 * 8
+    assert lora["gradients"] == 2 * lora["parameters_trained"]  # grad_accum 8: the running sum
+    assert lora["parameters"] - full["parameters"] < 0.2 * 2**30  # adapters: ~0.16 GiB
+
+
+def test_qlora_8b_weights_at_their_stored_size(one_device_mesh):
+    lora = plan.state_bytes(one_chip_8b(16), one_device_mesh)
+    int8 = plan.state_bytes(one_chip_8b(16, "int8"), one_device_mesh)
+    int4 = plan.state_bytes(one_chip_8b(16, "int4"), one_device_mesh)
+    assert int4["parameters"] < int8["parameters"] < lora["parameters"]
+    # The same adapters and connector train; only the frozen base's storage changes.
+    assert int4["optimizer_state"] == int8["optimizer_state"] == lora["optimizer_state"]
+    # int8: a byte per weight (and one bf16 scale per output channel); int4: half a byte (and
+    # one bf16 scale per 128 inputs), so int4's quantized bytes are a bit over half of int8's.
+    assert 0.5 < int4["parameters_quantized"] / int8["parameters_quantized"] < 0.53
+    assert int8["parameters_quantized"] < 0.52 * lora["parameters_frozen"]
+
+
+def test_quantize_without_lora_is_refused(one_device_mesh):
+    with pytest.raises(ValueError, match=r"without LoRA.*--inference --quantize int4"):
+        plan.state_bytes(one_chip_8b(0, "int4"), one_device_mesh)
+
+
+def test_inference_8b_weights(one_device_mesh):
+    cfg = one_chip_8b(16, "int4")  # a QLoRA config: --quantize takes the plain model's weights
+    bf16 = plan.inference_weight_bytes(cfg, one_device_mesh, "none")
+    int8 = plan.inference_weight_bytes(cfg, one_device_mesh, "int8")
+    int4 = plan.inference_weight_bytes(cfg, one_device_mesh, "int4")
+    assert bf16["quantized"] == 0
+    plain = ModelConfig.from_config(cfg.model).plain()
+    assert bf16["parameters"] == 2 * lladav.param_counts(plain)["total"]
+    assert int4["parameters"] < int8["parameters"] < 0.55 * bf16["parameters"]
+    own = plan.inference_weight_bytes(cfg, one_device_mesh)  # the config's model: int4 + LoRA
+    assert own["quantized"] == int4["quantized"] and own["parameters"] > int4["parameters"]
+
+
+def small_image_config(rank: int = 0, weights: str = "none"):
+    """tiny with one small tile per image (a short compile), bf16 storage, one device."""
+    c = base_config("tiny")
+    c.model.image.update(aspect_ratio="plain", max_tiles=1, max_visual_tokens=16)
+    c.model.param_dtype = "bfloat16"
+    c.data.seq_len, c.data.batch_size = 64, 2
+    c.train.grad_accum = 2
+    c.lora.rank, c.quantize.weights = rank, weights
+    return c
+
+
+@pytest.mark.slow
+def test_qlora_plan_compiled():
+    """A QLoRA train step compiles against its abstract state; XLA's argument bytes agree with
+    the analytic count, int4 weights included (packed two a byte)."""
+    r = plan.plan(small_image_config(4, "int4"), topology.parse("v5e-1"), 1)
+    pd, mem = r["per_device"], r["per_device"]["compiled"]
+    assert r["mode"] == "train" and r["adapters"]["rank"] == 4
+    assert pd["parameters_quantized"] > 0 and pd["parameters_frozen"] > pd["parameters_trained"]
+    assert 0 <= pd["optimizer_state"] - 2 * pd["parameters_trained"] <= 4 * 8
+    args = pd["parameters"] + pd["optimizer_state"] + pd["batch"]
+    assert args <= mem["argument"] <= args + 1024
+    assert r["fits_target"] and r["params"]["trained"] < r["params"]["total"]
+    text = plan_report.report(r)
+    for line in ("LoRA rank 4 on q,k,v,o,gate,up,down, base weights int4", "frozen ",
+                 "gradients ", "<- target", "while-loop-invariant-code-motion"):
+        assert line in text, line
+
+
+def test_inference_plan_compiled():
+    """The sampler alone, weights int8: the analytic weights and cache, the program's memory,
+    whether it fits."""
+    cfg = small_image_config()
+    spec = plan.SamplerSpec(prompt_len=48, gen_length=32)
+    r = plan.plan_inference(cfg, topology.parse("v5e-1"), 1, spec=spec, quantize="int8")
+    s = r["sampler"]
+    assert r["mode"] == "inference" and s["weights"] == "int8"
+    mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), jax.devices()[:1])
+    weights = plan.inference_weight_bytes(cfg, mesh, "int8")
+    assert s["parameters_per_device"] == weights["parameters"] > weights["quantized"] > 0
+    t = cfg.model.text  # K and V, every layer, prompt + answer, float32 compute
+    assert s["kv_cache"] == 2 * t.num_layers * (48 + 32) * t.num_kv_heads * t.head_dim * 4
+    assert s["memory"]["argument"] >= weights["parameters"]
+    assert r["fits_target"] and r["fits"]["v5e"]["fits"]
+    text = plan_report.report(r)
+    assert "tiny inference on v5e-1" in text and "weights int8" in text and "K/V cache" in text
