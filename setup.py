@@ -22,6 +22,8 @@ setup(
         # with 0.12 (see its docstring); re-check it before raising the bound.
         "orbax-checkpoint>=0.12,<0.13",
         "optax>=0.2.4",
+        # int8 / int4 weight quantization (models/quant.py); <0.2: its QArray API, tested 0.1.8.
+        "qwix>=0.1.8,<0.2",
         "grain>=0.2.12",
         "array-record>=0.5",
         "absl-py>=2",
