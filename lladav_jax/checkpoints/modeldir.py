@@ -220,23 +220,24 @@ def load_params(
     With a mesh every array is restored directly into its shards (logical axes -> `rules`)."""
     cfg = load_config(path) if cfg is None else cfg
     check_params(path, cfg)
-    state = nnx.state(lladav.abstract(cfg), nnx.Param)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
-    else:
-        shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
-    target = sharding.abstract_with_shardings(nnx.to_pure_dict(state), shardings)
+    state = _abstract_state(cfg)
+    target = sharding.abstract_with_shardings(nnx.to_pure_dict(state),
+                                              _shardings(state, mesh, rules))
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(resolve(path).params, target)
 
 
-def _shardings(cfg: ModelConfigLike, mesh: jax.sharding.Mesh | None, rules) -> dict:
-    state = nnx.state(lladav.abstract(cfg), nnx.Param)
+def _shardings(state: nnx.State, mesh: jax.sharding.Mesh | None, rules) -> dict:
+    """Where each parameter of `state` (a model's abstract nnx.Param state) goes, as a pure
+    dict: the first device without a mesh, else its logical axes mapped by `rules`."""
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
     return nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+
+
+def _abstract_state(cfg: ModelConfigLike) -> nnx.State:
+    return nnx.state(lladav.abstract(cfg), nnx.Param)
 
 
 def _check_same_base(path: str | os.PathLike, stored: ModelConfig, cfg: ModelConfig) -> None:
@@ -271,13 +272,15 @@ def load_params_as(
         check_params(path, plain)
         if cfg.quantize.weights == "none":
             params = load_params(path, plain, mesh=mesh, rules=rules)
-            return (jax.device_put(adapters.adapt(params, cfg, seed), _shardings(cfg, mesh, rules))
-                    if cfg.adapted else params)
+            if not cfg.adapted:
+                return params
+            return jax.device_put(adapters.adapt(params, cfg, seed),
+                                  _shardings(_abstract_state(cfg), mesh, rules))
     else:
         check_params(path, stored_cfg.to_config())
         _check_same_base(path, stored_cfg, cfg)
     stored = open_params(path)
-    targets = _shardings(cfg, mesh, rules)
+    targets = _shardings(_abstract_state(cfg), mesh, rules)
     fresh = (adapters.fresh_adapters(cfg, seed, adapters.adapters_of(targets))
              if cfg.lora.rank else {})
     return adapters.adapt_stream(lambda key: _stored_plain(stored, stored_cfg, key), cfg,
@@ -308,11 +311,10 @@ def load_model(
     `quantize` (int8 | int4, or a whole QuantConfig with its tile and vision setting): its
     weights quantized as they load, any adapters merged first (the returned config says so)."""
     cfg = load_config(path)
+    typed = ModelConfig.from_config(cfg)
     if isinstance(quantize, str):
-        typed = ModelConfig.from_config(cfg)
         quantize = dataclasses.replace(typed.quantize, weights=quantize)
     if quantize is not None and quantize.weights != "none":
-        typed = ModelConfig.from_config(cfg)
         cfg = dataclasses.replace(typed.plain(), quantize=quantize).to_config()
         params = load_params_as(path, cfg, mesh=mesh, rules=rules)
     else:

@@ -14,14 +14,12 @@ up to PROMPT_BUCKET so that nearby lengths share a compiled program).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -37,7 +35,7 @@ from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds, compiled_ge
 from lladav_jax.models import lladav
 from lladav_jax.models.config import ModelConfig, QuantConfig
 from lladav_jax.models.lladav import LLaDAV
-from lladav_jax.scale import sharding
+from lladav_jax.scale import memory, sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this (fewer recompiles)
 
@@ -251,8 +249,7 @@ class Model:
 def weight_bytes(module: nnx.Module) -> int:
     """Bytes of every parameter of `module` (concrete or abstract: shapes and dtypes only), int4
     counted at half a byte (XLA packs it two to a byte on accelerators)."""
-    bits = lambda dtype: 4 if jnp.dtype(dtype) == jnp.int4 else 8 * jnp.dtype(dtype).itemsize
-    return sum(math.prod(x.shape) * bits(x.dtype) // 8
+    return sum(memory.nbytes(x.shape, x.dtype)
                for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 

@@ -79,7 +79,7 @@ def adapt_stream(plain: Callable[[tuple[str, ...]], jax.Array | np.ndarray],
                 jnp.asarray(w, dtype), cfg.quantize.weights, cfg.quantize.tile,
                 -1 if embed else -2, dtype)
         else:
-            out[key] = jax.device_put(jnp.asarray(plain(key), target.dtype), place.get(key))
+            out[key] = jnp.asarray(plain(key), target.dtype)
     for key, target in want.items():
         if tuple(out[key].shape) != tuple(target.shape):
             raise ValueError(f"{'.'.join(key)}: shape {tuple(out[key].shape)}, the adapted "

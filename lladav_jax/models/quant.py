@@ -2,7 +2,7 @@
 
 The numerics are qwix's (`qwix.quantize` / `qwix.dequantize`: symmetric absmax, int8 with one
 scale per output channel, int4 with one per `tile` inputs of each output channel). A weight is
-stored as two arrays, `qvalue` (int8 / int4) and `scale`, so checkpoints, shardings and
+stored as two arrays, `qvalue` (int8 / int4) and `qscale`, so checkpoints, shardings and
 integrity checksums treat them like any parameter. NF4 is not offered: its uint4 codes have no
 TensorStore dtype, so they could not be checkpointed.
 """
@@ -30,12 +30,6 @@ def tile_for(fmt: str, width: int, tile: int) -> int:
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {list(FORMATS)}")
-
-
-def scale_shape(shape: tuple[int, ...], fmt: str, tile: int, axis: int) -> tuple[int, ...]:
-    """The scale's shape for a weight of `shape` whose inputs lie along `axis`."""
-    axis %= len(shape)
-    return tuple(d // tile_for(fmt, d, tile) if i == axis else d for i, d in enumerate(shape))
 
 
 def quantize(w: jax.Array, fmt: str, tile: int, axis: int = -2,

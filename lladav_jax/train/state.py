@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lladav_jax.data.pipeline import collate
 from lladav_jax.models import lladav
+from lladav_jax.models.config import ModelConfig
 from lladav_jax.scale import sharding
 from lladav_jax.train import optim
 from lladav_jax.train.step import TrainState, make_train_step, split_accum
@@ -86,7 +87,8 @@ def model_layout(config: ml_collections.ConfigDict, mesh: Mesh,
     defaults), split into trained and frozen parts, and the optimizer state's shardings.
     A MeshError names every parameter the mesh does not divide, or a bad rule."""
     graphdef, state = nnx.split(lladav.abstract(config.model))
-    trainable_filter = optim.trainable_filter(config.optim.lr, lora=_lora_rank(config) > 0)
+    lora = ModelConfig.from_config(config.model).lora.rank > 0
+    trainable_filter = optim.trainable_filter(config.optim.lr, lora=lora)
     rules = sharding.logical_rules(config.mesh.get("rules"))
     sharded = sharding.abstract_with_shardings(state,
                                                sharding.state_shardings(state, mesh, rules))
@@ -95,10 +97,6 @@ def model_layout(config: ml_collections.ConfigDict, mesh: Mesh,
                                                  ...)
     return ModelLayout(graphdef, state, sharded, trainable_filter, trainable, frozen,
                        step_graphdef, opt_state_shardings(tx, trainable, mesh), rules)
-
-
-def _lora_rank(config: ml_collections.ConfigDict) -> int:
-    return int(config.model.get("lora", {}).get("rank", 0))
 
 
 def abstract_opt_state(tx: optax.GradientTransformation, layout: ModelLayout) -> Any:
