@@ -43,6 +43,8 @@ FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 SMOKE = "--config.train.steps=20"
 
 INSTALLED = "installs packages: this test runs in the environment those commands set up"
+MEDIA = ("needs a model that takes several tiles (the smoke run's demo takes one); "
+         "tests/cli/test_video_eval.py runs these on a tiny model")
 NOT_RUN = {
     "pip install torch==2.13.0": INSTALLED,
     "pip install -e .[test]": INSTALLED,
@@ -55,6 +57,12 @@ NOT_RUN = {
     "lladav-train --config configs/lora.py --workdir /ckpt/my-lora --config.init_from=lladav-8b "
     "--config.tokenizer=lladav-8b --config.data.path=train.json --config.quantize.weights=int4":
         "trains the 8B model; tests/train/test_lora.py runs LoRA and QLoRA on the tiny one",
+    "lladav-generate --ckpt WORKDIR --image a.png --image b.png --prompt Which image is red?":
+        MEDIA,
+    "lladav-generate --ckpt WORKDIR --video clip.mp4 --prompt Which way does the square move?":
+        MEDIA,
+    "lladav-eval --ckpt WORKDIR --data videos.jsonl --out predictions.jsonl --preset videomme":
+        MEDIA,
 }
 
 
@@ -191,8 +199,8 @@ def model_counts(root: pathlib.Path, stdout: str) -> None:
 
 CHECKS: dict[str, Callable[[pathlib.Path, str], None]] = {
     "lladav-train --config configs/demo.py --workdir /tmp/lladav-demo": train_outputs,
-    "lladav-data pack-arrayrecord --data_path data.json --image_folder img/ --out shards/ "
-    "--num_shards 64": lambda root, _: assert_nonempty(root / "shards"),
+    "lladav-data pack-arrayrecord --data_path data.json --image_folder img/ --video_folder "
+    "videos/ --out shards/ --num_shards 64": lambda root, _: assert_nonempty(root / "shards"),
     "lladav-data build-tfds --data_path data.json --image_folder img/ --out tfds/":
         lambda root, _: assert_nonempty(root / "tfds"),
     "lladav-convert import-hf --hf_dir LLaDA-V --out lladav-8b":

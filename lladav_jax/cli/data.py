@@ -1,7 +1,10 @@
-"""lladav-data: turn a LLaVA JSON + image folder into ArrayRecord shards or a TFDS dataset.
+"""lladav-data: turn a LLaVA JSON + image (and video) folder into ArrayRecord shards or a TFDS
+dataset.
 
-  lladav-data pack-arrayrecord --data_path D.json --image_folder IMGS --out DIR --num_shards N
-  lladav-data build-tfds --data_path D.json --image_folder IMGS --out DIR [--name NAME]
+  lladav-data pack-arrayrecord --data_path D.json --image_folder IMGS [--video_folder VIDS] \
+      --out DIR --num_shards N
+  lladav-data build-tfds --data_path D.json --image_folder IMGS [--video_folder VIDS] --out DIR
+      [--name NAME]
 
 (also `python -m lladav_jax.cli.data ...`). Both print the counts of samples, images, missing
 images and malformed samples; neither drops a sample (bad ones are marked for the featurizer).
@@ -24,6 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="folder the `image` paths are relative to (default: the data file's)",
     )
+    p.add_argument("--video_folder", "--video-folder", default=None,
+                   help="folder the `video` paths are relative to (default: the data file's)")
     p.add_argument("--out", required=True, help="output directory")
 
 
@@ -55,11 +60,13 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "pack-arrayrecord":
         from lladav_jax.data.sources.array_record import pack
 
-        pack(args.data_path, args.image_folder, args.out, args.num_shards, args.num_threads)
+        pack(args.data_path, args.image_folder, args.out, args.num_shards, args.num_threads,
+             args.video_folder)
     else:
         from lladav_jax.data.sources.tfds import build_tfds
 
-        path = build_tfds(args.out, args.data_path, args.image_folder, name=args.name)
+        path = build_tfds(args.out, args.data_path, args.image_folder, name=args.name,
+                          video_folder=args.video_folder)
         print(f"read it with: TfdsSource({path!r})")
     return 0
 

@@ -4,7 +4,9 @@
     [--metric exact|relaxed] [sampler and --quantize flags of lladav-generate]
 
 What is scored and how: `lladav_jax.inference.scoring`. Prints the accuracy; writes every row with
-its prediction and whether it was right to --out, one line per row as it is answered.
+its prediction and whether it was right to --out, one line per row as it is answered. A row shows
+the model no image, an image (`image`), several (`image` or `images`: a list) or a video
+(`video`); rows of every kind may share a batch.
 (also `python -m lladav_jax.cli.eval ...`)
 """
 
@@ -24,17 +26,31 @@ from lladav_jax.cli.generate import (
     checked_sampler_options,
     load_options,
 )
-from lladav_jax.inference.scoring import METRICS, PRESETS, prompt_of, read_rows, score
+from lladav_jax.inference.scoring import (
+    METRICS,
+    NOT_SAMPLER,
+    PRESETS,
+    prompt_of,
+    read_rows,
+    score,
+)
+
+PRESET_HELP = (
+    "a benchmark's settings from the paper (flags override): multiple_choice, chartqa (relaxed "
+    "accuracy), docvqa, infovqa, mathvista, mathverse; videomme: multiple choice on `video` rows, "
+    "video.max_frames frames spread evenly over each video and VideoMME's prompt ('Select the "
+    "best answer to the following multiple-choice question based on the video. ...')"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lladav-eval", description=__doc__.split("\n\n")[0])
     add_sampler_flags(p)
     add_quantize_flags(p)
-    p.add_argument("--data", required=True, help="JSONL rows: image, question, answer[, choices]")
+    p.add_argument("--data", required=True,
+                   help="JSONL rows: [image | images | video,] question, answer[, choices]")
     p.add_argument("--out", required=True, help="JSONL: every row with its prediction")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="a benchmark's sampler settings from the paper (flags override)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=PRESET_HELP)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--metric", choices=METRICS,
                    help="for questions without choices (default: exact; chartqa: relaxed)")
@@ -66,8 +82,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args = p.parse_args(argv)
     errors.require_positive(p, args, ("batch_size",))
     preset = dict(PRESETS.get(args.preset, {}))
-    metric = args.metric or preset.pop("metric", "exact")
-    preset.pop("metric", None)
+    metric = args.metric or preset.get("metric", "exact")
+    style, uniform = preset.get("prompt", "default"), preset.get("uniform_frames", False)
+    preset = {k: v for k, v in preset.items() if k not in NOT_SAMPLER}
     options = checked_sampler_options(p, args, preset)
     quantize = load_options(p, args)
     rows = read_rows(args.data)  # bad data fails before the model is loaded
@@ -85,12 +102,13 @@ def _main(argv: Sequence[str] | None) -> int:
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
             # The last batch is filled up with repeats: one compiled shape for the whole run.
-            items = [(r["_images"], prompt_of(r)) for r in chunk]
+            items = [(api.Video(r["_video"], uniform=uniform) if r["_video"] else r["_images"],
+                      prompt_of(r, style)) for r in chunk]
             items += [items[-1]] * (size - len(chunk))
             try:
                 predictions = model.generate_batch(items, seed=args.seed, system=args.system,
                                                    **options)
-            except ValueError as e:  # e.g. an image that does not decode
+            except ValueError as e:  # e.g. an image or a video that does not decode
                 lines = ", ".join(str(r["_line"]) for r in chunk)
                 raise ValueError(f"{args.data} (lines {lines}): {e}") from e
             for row, prediction in zip(chunk, predictions, strict=False):

@@ -1,10 +1,15 @@
-"""lladav-generate: answer one question about images (docs/design.md §10.3).
+"""lladav-generate: answer one question about images or a video (docs/design.md §10.3).
 
-  lladav-generate --ckpt DIR --image PATH [--image PATH ...] --prompt TEXT [--gen_length N]
+  lladav-generate --ckpt DIR [--image PATH [--image PATH ...] | --video PATH [--uniform_frames]]
+    --prompt TEXT [--gen_length N]
     [--steps N] [--block_length N] [--temperature T] [--remasking low_confidence|random]
     [--cfg_scale S] [--cache none|prefix|dual] [--threshold P] [--seed S] [--output_ids]
     [--stream] [--order_png PATH] [--quantize none|int8|int4] [--quantize_tile N]
     [--quantize_vision]
+
+One image is laid out AnyRes; several images (in the order given) get one padded tile each; a
+video's frames are chosen about one a second (at most video.max_frames), or with
+--uniform_frames video.max_frames frames spread evenly, as the benchmark evaluation reads them.
 
 Prints the answer. With --output_ids it prints one JSON line instead: the answer, its token ids,
 every generated id and the steps run. --stream prints each block's text as it is decoded;
@@ -103,7 +108,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lladav-generate", description=__doc__.split("\n\n")[0])
     add_sampler_flags(p)
     add_quantize_flags(p)
-    p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    visual = p.add_mutually_exclusive_group()
+    visual.add_argument("--image", action="append", default=[],
+                        help="an image file; repeat for several, kept in order (one image is "
+                             "laid out AnyRes, several images each get one padded tile)")
+    visual.add_argument("--video", help="a video file, instead of images")
+    p.add_argument("--uniform_frames", action="store_true",
+                   help="with --video: video.max_frames frames spread evenly from the first to "
+                        "the last (as benchmark evaluation reads videos; default: about one "
+                        "frame a second, at most video.max_frames)")
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--output_ids", action="store_true",
                    help="print one JSON line with the answer and the generated token ids")
@@ -136,13 +149,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     p = _parser()
     args = p.parse_args(argv)
+    if args.uniform_frames and args.video is None:
+        p.error("--uniform_frames needs --video")
     options = checked_sampler_options(p, args)
     quantize = load_options(p, args)
     from lladav_jax.inference import api  # jax is imported only once the flags are good
 
     model = api.load(args.ckpt, **quantize)
     streamer = _Streamer(sys.stdout) if args.stream else None
-    result = model.generate(args.image, args.prompt, seed=args.seed, on_block=streamer,
+    visual = args.image if args.video is None else api.Video(args.video,
+                                                               uniform=args.uniform_frames)
+    result = model.generate(visual, args.prompt, seed=args.seed, on_block=streamer,
                             return_details=True, system=args.system, **options)
     if streamer is not None:
         print()

@@ -1,4 +1,5 @@
-"""RawSample -> Example | Skip: validate, load images, apply the chat template, fit the length.
+"""RawSample -> Example | Skip: validate, load images or a video, apply the chat template, fit
+the length.
 
 Two steps, so that a process can plan its batches from every sample but decode only the images
 of its own rows (`data/pipeline.py`): `Featurizer.measure` does all but the pixel work (image
@@ -11,19 +12,17 @@ naming the file or field at fault. Only programming and configuration errors rai
 
 from __future__ import annotations
 
-import contextlib
-import io
+import math
 import os
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
 
 from lladav_jax.data.example import SKIP_REASONS, Example, Measured, RawSample, Skip
-from lladav_jax.data.image import process_image
-from lladav_jax.data.layout import best_grid, num_visual_tokens
+from lladav_jax.data.image import process_frames, process_image
+from lladav_jax.data.image_file import MAX_PIXELS, ImageLoadError, image_size, load_image
+from lladav_jax.data.layout import image_mode, num_tiles, num_visual_tokens, video_tokens
 from lladav_jax.data.template import (
     DEFAULT_SYSTEM_PROMPT,
     IMAGE_TAG,
@@ -33,130 +32,9 @@ from lladav_jax.data.template import (
     move_image_tag_first,
 )
 from lladav_jax.data.tokenizer import Tokenizer
+from lladav_jax.data.video import VideoInfo, VideoLoadError, frame_indices, probe, read_frames
 
 OVERLONG = ("drop", "truncate")
-# Pillow's own bomb threshold (it only warns up to twice this); we refuse above it.
-MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
-_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-
-ImageRef = bytes | bytearray | memoryview | str | os.PathLike
-
-
-class ImageLoadError(ValueError):
-    """An image that cannot be used; `reason` is 'missing_image' or 'corrupt_image'."""
-
-    def __init__(self, reason: str, name: str, message: str):
-        super().__init__(f"{name}: {message}")
-        self.reason, self.name = reason, name
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; transparency is composited over white (as transformers does)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in (*_SIXTEEN_BIT, "I", "F"):
-        # Pillow's convert clips these to 0..255; rescale 16-bit data to 8 bits instead.
-        a = np.asarray(image, dtype=np.float64)
-        if image.mode in _SIXTEEN_BIT or (image.mode == "I" and a.max(initial=0) > 255):
-            a = a / 257.0
-        elif image.mode == "F" and a.max(initial=0) <= 1.0:
-            a = a * 255.0
-        gray = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
-    if image.mode in _ALPHA or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")  # P, L, 1, CMYK, YCbCr, ...
-
-
-@contextlib.contextmanager
-def _opened(ref: ImageRef, name: str | None,
-            max_pixels: int | None) -> Iterator[tuple[Image.Image, str]]:
-    """(image, name): the image at `ref` with its header read and its pixels not decoded yet
-    (Pillow decodes lazily), refused above `max_pixels`; the file stays open inside."""
-    if isinstance(ref, str | os.PathLike):
-        path = os.fspath(ref)
-        name = name or path or "<empty path>"
-        if not os.path.exists(path):
-            raise ImageLoadError("missing_image", name, "no such file")
-        try:
-            stream: Any = open(path, "rb")  # noqa: SIM115  (closed below)
-        except OSError as e:
-            raise ImageLoadError("corrupt_image", name, f"cannot read ({e})") from e
-    elif isinstance(ref, bytes | bytearray | memoryview):
-        stream = io.BytesIO(ref)
-        name = name or f"<{len(stream.getbuffer())} bytes>"
-    else:
-        raise TypeError(f"an image is bytes or a path, got {type(ref).__name__}")
-    with stream:
-        try:
-            with warnings.catch_warnings():
-                # Our own pixel limit below replaces Pillow's warning.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(stream)
-            width, height = image.size
-        except Image.DecompressionBombError as e:
-            raise ImageLoadError("corrupt_image", name, f"decompression bomb ({e})") from e
-        except Exception as e:  # Pillow raises many types on bad data (OSError, SyntaxError, ...)
-            raise ImageLoadError(
-                "corrupt_image", name, f"cannot decode ({type(e).__name__}: {e})"
-            ) from e
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageLoadError(
-                "corrupt_image", name,
-                f"{width}x{height} pixels exceeds {max_pixels} (decompression bomb?)",
-            )  # fmt: skip
-        yield image, name
-
-
-def image_size(
-    ref: ImageRef, *, name: str | None = None, max_pixels: int | None = MAX_PIXELS
-) -> tuple[int, int]:
-    """(width, height) of the image `load_image` returns, from the header alone (no pixels
-    decoded): what the measure step needs. Raises `ImageLoadError` as `load_image` does for
-    what a header shows (missing file, unreadable header, too many pixels).
-
-    EXIF orientation is read where the header holds it; a PNG's eXIf chunk after the image
-    data is not (reading it decodes the pixels), so such a rotated PNG measures as stored and
-    `Featurizer.add_pixels` skips it as corrupt_image (its size differs from its measure)."""
-    with _opened(ref, name, max_pixels) as (image, _):
-        width, height = image.size
-        orientation = 1
-        if image.format != "PNG" or "exif" in image.info:  # PNG's getexif() would decode
-            with contextlib.suppress(Exception):  # a broken EXIF block: used as stored
-                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-        return (height, width) if orientation in _TRANSPOSED else (width, height)
-
-
-def load_image(
-    ref: ImageRef, *, name: str | None = None, max_pixels: int | None = MAX_PIXELS
-) -> Image.Image:
-    """Decodes an image from encoded bytes or a path into an RGB `PIL.Image`.
-
-    EXIF orientation is applied (`ImageOps.exif_transpose`): a deliberate fix, the official code
-    ignores EXIF and trains on phone photos lying on their side. Raises `ImageLoadError`
-    (reason 'missing_image' or 'corrupt_image', message naming `name` or the path) for a missing
-    file, undecodable or truncated data, or more than `max_pixels` pixels (a decompression bomb).
-    """
-    with _opened(ref, name, max_pixels) as (image, name):
-        try:
-            image.load()  # truncated files fail here (LOAD_TRUNCATED_IMAGES stays off)
-        except Exception as e:
-            raise ImageLoadError(
-                "corrupt_image", name, f"cannot decode ({type(e).__name__}: {e})"
-            ) from e
-    # A broken EXIF block leaves the image as stored: its pixels are still good.
-    with contextlib.suppress(Exception):
-        image = ImageOps.exif_transpose(image)
-    try:
-        return _to_rgb(image)
-    except Exception as e:
-        raise ImageLoadError(
-            "corrupt_image", name, f"cannot convert mode {image.mode} to RGB"
-        ) from e
 
 
 class _Skipped(Exception):
@@ -205,8 +83,30 @@ def _marked(raw: Mapping, key: str) -> set[int]:
     return {m for m in marked if isinstance(m, int | np.integer)}
 
 
-def _unsafe_detail(name: str) -> str:
-    return f"{name}: leaves the image folder (not opened)"
+def _unsafe_detail(name: str, folder: str = "image") -> str:
+    return f"{name}: leaves the {folder} folder (not opened)"
+
+
+def _video_ref(raw: Mapping) -> tuple[Any, str] | None:
+    """(video, name) of a video sample (`videos`, else the `video` field as a path), or None."""
+    listed, refs = raw.get("video"), raw.get("videos")
+    if refs is None:
+        if listed is None:
+            return None
+        refs = [listed]
+    if not isinstance(refs, list | tuple) or len(refs) != 1:
+        raise _Skipped("malformed", f"'video' is one video, got {refs!r:.80}")
+    ref = refs[0]
+    if isinstance(ref, str | os.PathLike):
+        return ref, os.fspath(ref)
+    if isinstance(ref, bytes | bytearray | memoryview):
+        return ref, listed if isinstance(listed, str) else "video"
+    raise _Skipped("malformed", f"'video' is a {type(ref).__name__}, not bytes or a path")
+
+
+def video_frames(info: VideoInfo, cfg) -> list[int]:
+    """The frame indices a video sample uses under the model config (`cfg.video`)."""
+    return frame_indices(info.frames, info.fps, cfg.video.fps, cfg.video.max_frames)
 
 
 def _image_refs(raw: Mapping) -> tuple[list, list[str]]:
@@ -287,7 +187,12 @@ class Featurizer:
         whose measure `measured` is). Data the headers did not show to be bad (truncated pixel
         data, a size other than the header's) is a Skip here."""
         try:
+            if measured.video is not None:
+                return Example(measured.sample_id, measured.tokens, measured.targets,
+                               measured.turn_ids, (self._frames(measured, raw),),
+                               measured.image_starts)
             refs, names = _image_refs(raw)
+            mode = image_mode(len(refs), self.cfg)  # of the whole sample, truncated or not
             unsafe = _marked(raw, "_unsafe_images")  # `measure` skips these; never open them
             images = []
             for k, (ref, name, size, count) in enumerate(zip(refs, names, measured.image_sizes,
@@ -301,21 +206,54 @@ class Featurizer:
                 if pil.size != tuple(size):
                     raise _Skipped("corrupt_image", f"{name}: decoded {pil.size[0]}x"
                                    f"{pil.size[1]}, its header says {size[0]}x{size[1]}")
-                image = process_image(pil, self.cfg)
+                image = process_image(pil, self.cfg, mode)
                 if image.layout.num_tokens != count:  # the host count must match the layout
                     raise RuntimeError(f"{name}: layout has {image.layout.num_tokens} tokens, "
                                        f"expected {count}")  # fmt: skip
                 images.append(image)
         except _Skipped as s:
             return Skip(s.reason, measured.sample_id, s.detail)
-        return Example(measured.sample_id, measured.tokens, measured.targets, tuple(images),
-                       measured.image_starts)
+        return Example(measured.sample_id, measured.tokens, measured.targets,
+                       measured.turn_ids, tuple(images), measured.image_starts)
 
-    def _tiles(self, size: tuple[int, int]) -> int:
-        if self.cfg.image.aspect_ratio == "plain":
-            return 1
-        cols, rows = best_grid(size, self.cfg)
-        return 1 + cols * rows  # base tile + grid
+    def _frames(self, measured: Measured, raw: RawSample):
+        """The video's chosen frames, decoded and tiled (a Skip raised as _Skipped)."""
+        ref, name = _video_ref(raw)
+        try:
+            frames = read_frames(ref, video_frames(measured.video, self.cfg), name=name)
+        except VideoLoadError as e:
+            raise _Skipped(e.reason, str(e)) from e
+        video = process_frames(frames, self.cfg)
+        if video.layout.num_tokens != measured.image_tokens[0]:
+            raise RuntimeError(f"{name}: layout has {video.layout.num_tokens} tokens, expected "
+                               f"{measured.image_tokens[0]}")
+        return video
+
+    def _video_info(self, raw: Mapping, ref, name: str) -> VideoInfo:
+        """The video's header: the source's `_video_info`, else read from the file."""
+        if _marked(raw, "_unsafe_videos"):  # checked first: never opened, nor packed
+            raise _Skipped("unsafe_path", _unsafe_detail(name, "video"))
+        if _marked(raw, "_missing_videos"):
+            raise _Skipped("missing_video", f"{name}: missing when the records were packed")
+        given = raw.get("_video_info")
+        if given is not None:
+            try:
+                frames, fps, width, height = given
+                info = VideoInfo(int(frames), float(fps), int(width), int(height))
+            except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+                info = None
+            # As `probe` checks the header: a rate and size the frame choice can use.
+            if info is None or info.frames < 0 or not (math.isfinite(info.fps) and info.fps > 0
+                                                       and info.width > 0 and info.height > 0):
+                raise _Skipped("malformed", f"'_video_info' is not [frames, fps, width, "
+                                            f"height]: {given!r:.80}")
+            if info.frames == 0:
+                raise _Skipped("empty_video", f"{name}: no frames (its '_video_info')")
+            return info
+        try:
+            return probe(ref, name=name)
+        except VideoLoadError as e:
+            raise _Skipped(e.reason, str(e)) from e
 
     def _sizes(self, raw: Mapping, refs: list, names: list[str]) -> list[tuple[int, int]]:
         """(width, height) of each image: the source's `_image_sizes`, else the headers'."""
@@ -357,26 +295,42 @@ class Featurizer:
             raise _Skipped("malformed", f"the plain template takes one human and one gpt turn, "
                                         f"got {len(turns)} turns")  # fmt: skip
         refs, names = _image_refs(raw)
+        video = _video_ref(raw)
+        if video is not None and refs:
+            raise _Skipped("malformed", "a sample holds images or a video, not both")
         n_tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
-        if n_tags != len(refs):
+        if n_tags != (1 if video else len(refs)):
             listed = f" ({', '.join(names)})" if names else ""
-            raise _Skipped(
-                "image_tag_mismatch", f"{n_tags} {IMAGE_TAG} tags but {len(refs)} images{listed}"
-            )
-        sizes = self._sizes(raw, refs, names)
-        counts = [num_visual_tokens(*size, self.cfg) for size in sizes]
+            what = f"a video ({video[1]})" if video else f"{len(refs)} images{listed}"
+            raise _Skipped("image_tag_mismatch", f"{n_tags} {IMAGE_TAG} tags but {what}")
+        info = None
+        if video is not None:  # the video is one visual input: its frames are its tiles
+            info = self._video_info(raw, *video)
+            n_frames = len(video_frames(info, self.cfg))
+            sizes, names = [(info.width, info.height)], [video[1]]
+            counts, tiles = [video_tokens(n_frames, self.cfg)], [n_frames]
+        else:
+            sizes = self._sizes(raw, refs, names)
+            mode = image_mode(len(sizes), self.cfg)
+            counts = [num_visual_tokens(*size, self.cfg, mode=mode) for size in sizes]
+            tiles = [num_tiles(*size, self.cfg, mode) for size in sizes]
         enc = encode_conversation(self.template, self.tokenizer, turns, counts, system=self.system)
-        tokens, targets, starts = enc.tokens, enc.targets, enc.image_starts
+        tokens, targets, turn_ids, starts = enc.tokens, enc.targets, enc.turn_ids, enc.image_starts
         if len(tokens) > self.seq_len:
             fits = [c for c in enc.cut_points if c <= self.seq_len]
             if self.overlong == "drop" or not fits:
                 why = "" if self.overlong == "drop" else " (the first answer does not fit)"
                 raise _Skipped("too_long", f"{len(tokens)} tokens > seq_len {self.seq_len}{why}")
             cut = max(fits)  # the end of an assistant turn: no answer, no image is split
-            tokens, targets = tokens[:cut], targets[:cut]
+            tokens, targets, turn_ids = tokens[:cut], targets[:cut], turn_ids[:cut]
             starts = tuple(s for s in starts if s < cut)
-            sizes, counts, names = sizes[: len(starts)], counts[: len(starts)], names[: len(starts)]
-        tiles = [self._tiles(size) for size in sizes]
+            kept = len(starts)
+            sizes, counts, tiles, names = sizes[:kept], counts[:kept], tiles[:kept], names[:kept]
+        turns_used = int(turn_ids.max(initial=0)) + 1
+        max_turns = getattr(self.cfg, "max_turns", None)
+        if getattr(self.cfg, "attention_mask", "") == "conversation" and turns_used > max_turns:
+            raise _Skipped("too_many_turns", f"{turns_used} dialogue turns > model.max_turns "
+                                             f"{max_turns} (attention_mask=conversation)")
         if sum(tiles) > self.cfg.image.max_tiles or sum(counts) > self.cfg.image.max_visual_tokens:
             raise _Skipped(
                 "too_many_visual",
@@ -384,5 +338,5 @@ class Featurizer:
                 f"{self.cfg.image.max_tiles} / max_visual_tokens "
                 f"{self.cfg.image.max_visual_tokens} ({', '.join(names)})",
             )
-        return Measured(sample_id, tokens, targets, tuple(starts), tuple(sizes), tuple(counts),
-                        tuple(tiles))
+        return Measured(sample_id, tokens, targets, turn_ids, tuple(starts), tuple(sizes),
+                        tuple(counts), tuple(tiles), info if starts else None)

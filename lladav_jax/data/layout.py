@@ -8,6 +8,13 @@ map of the tile features, so we express each token as up to 4 (source, weight) t
 image's flat tile features [n_tiles * P] (or NEWLINE). The model then does one weighted gather
 with static shapes, and the host knows the token count from the image size alone.
 
+Two more layouts (docs/design.md §2.5, §2.6): an image of a sample with several images is one
+padded tile with one `image_newline` after its P tokens (`pad_layout`, 730 tokens at 384 px;
+no newline under stage 1's plain layout);
+a video's frames are one tile each, every frame's u x u map bilinearly pooled to
+ceil(u / stride) per side with `image_newline` after every row (`video_layout`, 210 tokens a
+frame at 384 px).
+
 All sizes are (width, height) as in PIL and the official LLaVA code; grids are (cols, rows).
 """
 
@@ -91,11 +98,42 @@ def _max_num_patches(cfg) -> int:
     return int(cfg.image.max_num_patches)
 
 
-def num_visual_tokens(width: int, height: int, cfg, *, hf_rounding: bool = False) -> int:
-    """Visual tokens of a width x height image, from its size alone (no pixels)."""
+def image_mode(num_images: int, cfg) -> str:
+    """How each image of a sample with `num_images` images is laid out: `pad` for several
+    (the official `process_image(f, "pad")`, whatever the aspect ratio), else `anyres` or, for
+    the stage-1 `plain` aspect ratio, `plain`."""
+    aspect = str(cfg.image.aspect_ratio)
+    if aspect != "plain" and not aspect.startswith("anyres_max"):
+        raise ValueError(f"unsupported image.aspect_ratio {aspect!r}")
+    if num_images > 1:
+        return "pad"
+    return "plain" if aspect == "plain" else "anyres"
+
+
+def pad_newline(cfg) -> bool:
+    """Whether a `pad` image's tokens end with a newline: under the `spatial_unpad` merge of
+    AnyRes (stages 2-3), not under stage 1's `flat` merge."""
+    return cfg.image.aspect_ratio != "plain"
+
+
+def num_tiles(width: int, height: int, cfg, mode: str = "anyres") -> int:
+    """Tiles of one image in `mode` (`image_mode`): 1, or the base tile + the AnyRes grid."""
+    if mode != "anyres":
+        return 1
+    cols, rows = best_grid((width, height), cfg)
+    return 1 + cols * rows
+
+
+def num_visual_tokens(width: int, height: int, cfg, *, hf_rounding: bool = False,
+                      mode: str | None = None) -> int:
+    """Visual tokens of a width x height image, from its size alone (no pixels); `mode` as
+    `image_mode` gives it (default: a sample's only image)."""
     u = _tokens_per_side(cfg)
-    if cfg.image.aspect_ratio == "plain":
+    mode = mode or image_mode(1, cfg)
+    if mode == "plain":
         return u * u
+    if mode == "pad":
+        return u * u + pad_newline(cfg)
     grid = best_grid((width, height), cfg)
     *_, out_h, out_w = _grid_geometry((width, height), grid, u, _max_num_patches(cfg), hf_rounding)
     return u * u + out_h * (out_w + 1)
@@ -166,6 +204,56 @@ def anyres_layout(
     src = np.concatenate([base.src, rows_src.astype(np.int32)])
     weight = np.concatenate([base.weight, rows_w])
     return VisualLayout(src, weight)
+
+
+def pad_layout(cfg) -> VisualLayout:
+    """One image of several (`pad`): the tile's P tokens in order, then one newline (none under
+    stage 1's plain layout, `pad_newline`)."""
+    base = plain_layout(cfg)
+    if not pad_newline(cfg):
+        return base
+    newline = np.zeros((1, TAPS), np.int32)
+    newline[0, 0] = NEWLINE
+    weight = np.zeros((1, TAPS), np.float32)
+    weight[0, 0] = 1.0
+    return VisualLayout(np.concatenate([base.src, newline]), np.concatenate([base.weight, weight]))
+
+
+def pooled_side(cfg) -> int:
+    """Tokens per side of a pooled video frame: ceil(u / video.pool_stride)."""
+    return math.ceil(_tokens_per_side(cfg) / cfg.video.pool_stride)
+
+
+def video_tokens(num_frames: int, cfg) -> int:
+    """Visual tokens of a video of `num_frames` chosen frames: a pooled side s, s * (s + 1)
+    per frame (its rows, each closed by a newline)."""
+    side = pooled_side(cfg)
+    return num_frames * side * (side + 1)
+
+
+def video_layout(num_frames: int, cfg) -> VisualLayout:
+    """The frames' u x u maps (tile f = frame f) bilinearly resized to s x s (torch's
+    `interpolate(mode="bilinear")`, align_corners False) and laid row after row, frame after
+    frame, each row of s tokens closed by `image_newline` (the official `grid` newlines)."""
+    u, s = _tokens_per_side(cfg), pooled_side(cfg)
+    i0, i1, l0, l1 = _linear_taps(u, s)
+    within = lambda r, c: (r[:, None] * u + c[None, :])  # [s, s] index inside a frame
+    src = np.stack([within(i0, i0), within(i0, i1), within(i1, i0), within(i1, i1)], axis=-1)
+    w = np.stack([np.outer(l0, l0), np.outer(l0, l1), np.outer(l1, l0), np.outer(l1, l1)],
+                 axis=-1).astype(np.float32)
+    src = np.where(w != 0, src, 0)
+    nl_src = np.zeros((s, 1, TAPS), np.int64)
+    nl_src[..., 0] = NEWLINE
+    nl_w = np.zeros((s, 1, TAPS), np.float32)
+    nl_w[..., 0] = 1.0
+    p = u * u
+    frames = np.arange(num_frames)[:, None, None, None] * p  # [F, 1, 1, 1] frame offsets
+    frame_src = np.where(w != 0, src[None] + frames, 0)  # [F, s, s, 4]
+    rows_src = np.concatenate([frame_src, np.broadcast_to(nl_src, (num_frames, s, 1, TAPS))], 2)
+    rows_w = np.concatenate([np.broadcast_to(w, (num_frames, s, s, TAPS)),
+                             np.broadcast_to(nl_w, (num_frames, s, 1, TAPS))], 2)
+    return VisualLayout(rows_src.reshape(-1, TAPS).astype(np.int32),
+                        np.ascontiguousarray(rows_w.reshape(-1, TAPS)))
 
 
 def collate_visual(samples, cfg, seq_len: int) -> dict[str, np.ndarray]:

@@ -73,6 +73,7 @@ def collate(rows: Sequence[Row], batch_size: int, seq_len: int, cfg: Any, pad_id
     targets = np.zeros((batch_size, seq_len), bool)
     positions = np.zeros((batch_size, seq_len), np.int32)
     segment_ids = np.zeros((batch_size, seq_len), np.int32)
+    turn_ids = np.zeros((batch_size, seq_len), np.int32)
     images: list[list[tuple[Any, int]]] = [[] for _ in range(batch_size)]
     for i, row in enumerate(rows):
         at = 0
@@ -83,9 +84,11 @@ def collate(rows: Sequence[Row], batch_size: int, seq_len: int, cfg: Any, pad_id
                 targets[i, at : at + n] = ex.targets
                 positions[i, at : at + n] = np.arange(n)
                 segment_ids[i, at : at + n] = seg
+                turn_ids[i, at : at + n] = ex.turn_ids
                 images[i].extend((img, at + s) for img, s in zip(ex.images, ex.image_starts))
             at += n
-    batch = dict(tokens=tokens, targets=targets, positions=positions, segment_ids=segment_ids)
+    batch = dict(tokens=tokens, targets=targets, positions=positions, segment_ids=segment_ids,
+                 turn_ids=turn_ids)
     batch.update(collate_visual(images, cfg, seq_len))
     assert set(batch) == set(BATCH_KEYS)
     return batch

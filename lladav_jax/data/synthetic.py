@@ -15,35 +15,39 @@ demo on something new (configs/demo_lora.py):
 
     size        "Is the circle big?"               -> yes | no
 
+Two kinds are not single images (data/synthetic_media.py): `motion`, a video of a shape moving
+("Which way does the red circle move?" -> left | right | up | down), and `pick`, 2-4 images
+("Which image shows the red circle?" -> first | second | third | fourth); `mixed` cycles
+qa, motion, pick and motion samples by index, so one run sees one image, several images and
+videos.
+
     source = SyntheticSource(1000, split="train")   # a Grain random-access data source
     write_llava_json("data/train.json", "data/images", 1000, split="train")
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (140, 60, 190),
-    "orange": (245, 140, 20),
-}
-SHAPES = ("circle", "square", "triangle")
+from lladav_jax.data.synthetic_draw import COLORS, SHAPES, pick, png_bytes, render, sample_rng
+from lladav_jax.data.synthetic_media import (
+    MEDIA_ANSWERS,
+    MEDIA_KINDS,
+    MEDIA_QUESTIONS,
+    media_sample,
+)
+
 COUNTS = ("one", "two", "three", "four")
 POSITIONS = ("left", "right", "top", "bottom")
 SIZES = ("yes", "no")  # "is it big?": one token each in the demo tokenizer, like every answer
 QUESTION_TYPES = ("color", "shape", "count", "position")  # the `qa` kind's
 ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS,
-           "size": SIZES}
+           "size": SIZES, **MEDIA_ANSWERS}
 QUESTIONS = {
     "color": ("What color is the shape?", "Which color is the {shape}?"),
     "shape": ("What shape is this?", "What shape is the {color} object?"),
@@ -53,37 +57,19 @@ QUESTIONS = {
         "Is the {color} {shape} left, right, top or bottom?",
     ),
     "size": ("Is the {shape} big?", "Is this {shape} a big one?"),
+    **MEDIA_QUESTIONS,
 }
 CAPTION_PROMPT = "Describe the image."
-SPLITS = {"train": 0, "test": 1}  # part of the random key: the splits never share a stream
-KINDS = ("qa", "caption", "size")
+KINDS = ("qa", "caption", "size", "motion", "pick", "mixed")
+# `mixed`: sample i is of kind MIXED[i % 4], the next sample of that kind (`mixed_part`);
+# videos twice as often: the tiny demo model learns them slowest.
+MIXED = ("qa", "motion", "pick", "motion")
 MIN_SIDE, MAX_SIDE = 60, 300
 
 
 def chance_accuracy(question_type: str) -> float:
     """Exact-match accuracy of guessing (answers are balanced, so also of the majority answer)."""
     return 1.0 / len(ANSWERS[question_type])
-
-
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
-    return np.random.default_rng([seed, SPLITS[split], index])
-
-
-def _draw(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy: float, r: float):
-    box = (cx - r, cy - r, cx + r, cy + r)
-    fill = COLORS[color]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
-
-
-def _pick(rng: np.random.Generator, options) -> str:
-    return options[int(rng.integers(len(options)))]
 
 
 def _scene(rng: np.random.Generator, qtype: str, answer: str):
@@ -100,10 +86,10 @@ def _scene(rng: np.random.Generator, qtype: str, answer: str):
             r = rng.uniform(0.25, 0.35) * min(cw, ch)
             cx = (cell % 2) * cw + rng.uniform(r, cw - r)
             cy = (cell // 2) * ch + rng.uniform(r, ch - r)
-            shapes.append((_pick(rng, SHAPES), _pick(rng, tuple(COLORS)), cx, cy, r))
+            shapes.append((pick(rng, SHAPES), pick(rng, tuple(COLORS)), cx, cy, r))
         return w, h, background, shapes
-    shape = answer if qtype == "shape" else _pick(rng, SHAPES)
-    color = answer if qtype == "color" else _pick(rng, tuple(COLORS))
+    shape = answer if qtype == "shape" else pick(rng, SHAPES)
+    color = answer if qtype == "color" else pick(rng, tuple(COLORS))
     if qtype == "position":
         # Centre of the named third, a little jitter along the other axis.
         r = rng.uniform(0.10, 0.14) * m
@@ -121,31 +107,13 @@ def _scene(rng: np.random.Generator, qtype: str, answer: str):
     return w, h, background, [(shape, color, cx, cy, r)]
 
 
-def render(w: int, h: int, background, shapes) -> Image.Image:
-    image = Image.new("RGB", (w, h), background)
-    draw = ImageDraw.Draw(image)
-    for shape, color, cx, cy, r in shapes:
-        _draw(draw, shape, color, cx, cy, r)
-    return image
-
-
 def caption(shapes) -> str:
     return " and ".join(f"a {color} {shape}" for shape, color, *_ in shapes)
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    # Level 1: half the CPU of the default level 6 to encode (0.4 vs 0.7 ms a demo image) and
-    # a little less to decode, for files 1.7x as large (~1.2 kB); the pixels are the same.
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def _sample(index: int, split: str, seed: int, kind: str) -> tuple[dict[str, Any], tuple]:
     """(the sample's fields but its image, the scene to render: w, h, background, shapes)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
-    rng = _rng(seed, split, index)
+    rng = sample_rng(seed, split, index)
     # Question type and answer cycle with the index: every answer equally often.
     types = ("size",) if kind == "size" else QUESTION_TYPES
     n_types = len(types)
@@ -154,7 +122,7 @@ def _sample(index: int, split: str, seed: int, kind: str) -> tuple[dict[str, Any
     answer = answers[(index // n_types) % len(answers)]
     scene = _scene(rng, qtype, answer)
     shape, color = scene[3][0][:2]
-    question = _pick(rng, QUESTIONS[qtype]).format(shape=shape, color=color)
+    question = pick(rng, QUESTIONS[qtype]).format(shape=shape, color=color)
     sample_id = f"synthetic-{split}-{seed}-{index:07d}"
     if kind == "caption":
         question, answer, qtype = CAPTION_PROMPT, caption(scene[3]), "caption"
@@ -170,19 +138,44 @@ def _sample(index: int, split: str, seed: int, kind: str) -> tuple[dict[str, Any
     }, scene
 
 
+def mixed_part(index: int) -> tuple[str, int]:
+    """(kind, index within that kind) of the `mixed` kind's sample `index`."""
+    cycles, at = divmod(index, len(MIXED))
+    kind = MIXED[at]
+    return kind, cycles * MIXED.count(kind) + MIXED[:at].count(kind)
+
+
+def _parts(index: int, split: str, seed: int,
+           kind: str) -> tuple[dict[str, Any], Callable[[], dict], dict]:
+    """(the sample's fields but its media, a function drawing the media fields (`images` or
+    `videos`), the header's stand-ins for them (`_image_sizes` or `_video_info`))."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    if kind == "mixed":
+        part, sub = mixed_part(index)
+        return _parts(sub, split, seed, part)
+    if kind in MEDIA_KINDS:
+
+        return media_sample(index, split, seed, kind)
+    fields, scene = _sample(index, split, seed, kind)
+    return (fields, lambda: {"images": [png_bytes(render(*scene))]},
+            {"_image_sizes": [list(scene[:2])]})
+
+
 def make_sample(
     index: int, split: str = "train", seed: int = 0, kind: str = "qa"
 ) -> dict[str, Any]:
-    """One sample: a RawSample with PNG bytes in `images`, plus `question_type` and `answer`."""
-    fields, scene = _sample(index, split, seed, kind)
-    return {**fields, "images": [png_bytes(render(*scene))]}
+    """One sample: a RawSample with PNG bytes in `images` (MP4 bytes in `videos`), plus
+    `question_type` and `answer`."""
+    fields, media, _ = _parts(index, split, seed, kind)
+    return {**fields, **media()}
 
 
 class SyntheticSource:
     """Random-access source (`len`, `[i]`) of `n` samples; usable as a Grain data source."""
 
     def __init__(self, n: int, split: str = "train", seed: int = 0, kind: str = "qa"):
-        _rng(seed, split, 0)  # validates split
+        sample_rng(seed, split, 0)  # validates split
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
         if n < 0:
@@ -199,15 +192,16 @@ class SyntheticSource:
         return make_sample(index, self.split, self.seed, self.kind)
 
     def header(self, index: int) -> dict[str, Any]:
-        """Sample `index` without its image: `_image_sizes` instead (the size is drawn, not
-        decoded), all that measuring it takes (`Featurizer.measure`); the pipeline reads the
-        full sample only where it adds the pixels. (Full samples carry no sizes: code that
-        changes their images, as benchmarks/data.py does, cannot leave stale ones.)"""
+        """Sample `index` without its images: `_image_sizes` instead (the sizes are drawn, not
+        decoded; a video's `_video_info`), all that measuring it takes (`Featurizer.measure`);
+        the pipeline reads the full sample only where it adds the pixels. (Full samples carry
+        no sizes: code that changes their images, as benchmarks/data.py does, cannot leave
+        stale ones.)"""
         index = int(index)
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self!r}")
-        fields, scene = _sample(index, self.split, self.seed, self.kind)
-        return {**fields, "_image_sizes": [list(scene[:2])]}
+        fields, _, head = _parts(index, self.split, self.seed, self.kind)
+        return {**fields, **head}
 
     def __repr__(self) -> str:
         args = f"n={self.n}, split={self.split!r}, seed={self.seed}, kind={self.kind!r}"
@@ -222,18 +216,26 @@ def write_llava_json(
     *,
     seed: int = 0,
     kind: str = "qa",
+    video_folder: str | os.PathLike | None = None,
 ) -> str:
-    """Writes the same samples as LLaVA JSON (or JSONL if `path` ends in .jsonl) + PNG files.
+    """Writes the same samples as LLaVA JSON (or JSONL if `path` ends in .jsonl) + PNG and MP4
+    files.
 
-    Image names in the JSON are relative to `image_folder`. Returns the JSON path.
+    Image names in the JSON are relative to `image_folder`, video names to `video_folder`
+    (default: `image_folder`). Returns the JSON path.
     """
     path, image_folder = os.fspath(path), os.fspath(image_folder)
-    os.makedirs(image_folder, exist_ok=True)
+    video_folder = image_folder if video_folder is None else os.fspath(video_folder)
     rows = []
     source = SyntheticSource(n, split, seed, kind)
     for sample in (source[i] for i in range(len(source))):
-        with open(os.path.join(image_folder, sample["image"]), "wb") as f:
-            f.write(sample.pop("images")[0])
+        for field, folder in (("image", image_folder), ("video", video_folder)):
+            names = sample.get(field, [])
+            for name, data in zip([names] if isinstance(names, str) else names,
+                                  sample.pop(f"{field}s", [])):
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(data)
         rows.append(sample)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -249,7 +251,7 @@ def write_llava_json(
 def corpus() -> list[str]:
     """Every text the data set produces, as the chat template splits it (for the demo BPE)."""
     texts = [f"\n{CAPTION_PROMPT}"]
-    for qtype in QUESTION_TYPES:
+    for qtype in (*QUESTION_TYPES, *MEDIA_KINDS):
         for pattern in QUESTIONS[qtype]:
             for shape in SHAPES:
                 for color in COLORS:

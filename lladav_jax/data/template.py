@@ -11,6 +11,10 @@ Targets: every assistant turn from its header through its <|eot_id|>, plus <|sta
 and image placeholders never are. `plain` (stage 1): `<image>` + caption + "\\n", targets = the
 tokens after the image.
 
+Every position also gets a turn id, for the dialogue-causal attention mask (docs/design.md
+§4.3): BOS, the system message and the first exchange are turn 0; each user message that
+follows an answer opens the next turn, and its answer belongs to it.
+
 Text between special tokens is encoded piece by piece exactly where the official code's
 tokenizer splits it (it adds `<image>` as a special token): "\\n\\n" + content up to the first
 `<image>`, then each chunk between tags. Every `<image>` becomes `count` placeholder ids.
@@ -39,7 +43,8 @@ Turn = Mapping[str, str]  # LLaVA: {"from": "human" | "gpt", "value": text}
 
 @dataclass(frozen=True, eq=False)
 class Encoded:
-    """tokens int32 [n], targets bool [n]; image k's placeholders start at image_starts[k].
+    """tokens int32 [n], targets bool [n]; image k's placeholders start at image_starts[k];
+    turn_ids int32 [n], the turn of every position (0 first).
 
     cut_points: lengths at which the sequence may be cut without cutting a target mid-answer
     (the end of every assistant turn; for `plain`, only the full length).
@@ -49,6 +54,7 @@ class Encoded:
     targets: np.ndarray
     image_starts: tuple[int, ...]
     cut_points: tuple[int, ...]
+    turn_ids: np.ndarray
 
 
 class _Builder:
@@ -58,12 +64,15 @@ class _Builder:
         self.targets: list[bool] = []
         self.image_starts: list[int] = []
         self.cut_points: list[int] = []
+        self.turn_ids: list[int] = []
+        self._turn, self._answered = 0, False  # the current turn; its answer has begun
         self._counts: Iterator[int] = iter(image_token_counts)
         self._n_images = len(image_token_counts)
 
     def add(self, ids: Sequence[int], target: bool) -> None:
         self.ids.extend(ids)
         self.targets.extend([target] * len(ids))
+        self.turn_ids.extend([self._turn] * len(ids))
 
     def special(self, token_id: int) -> None:
         self.add([token_id], True)  # structural tokens are targets everywhere
@@ -86,7 +95,14 @@ class _Builder:
             self.add([self.tok.placeholder_id] * count, False)
             self.text(chunk, target)
 
+    def open_message(self, role: str) -> None:
+        """Turn bookkeeping: a user message after an answer opens the next turn."""
+        if role == "user" and self._answered:
+            self._turn, self._answered = self._turn + 1, False
+        self._answered |= role == "assistant"
+
     def turn(self, role: str, text: str, target: bool) -> None:
+        self.open_message(role)
         self.special(self.tok.start_header_id)
         self.text(role, target)
         self.special(self.tok.end_header_id)
@@ -103,6 +119,7 @@ class _Builder:
             targets=np.asarray(self.targets, bool),
             image_starts=tuple(self.image_starts),
             cut_points=tuple(self.cut_points),
+            turn_ids=np.asarray(self.turn_ids, np.int32),
         )
 
 
@@ -179,6 +196,37 @@ def encode_conversation(
     return TEMPLATES[name](tokenizer, turns, image_token_counts, system=system)
 
 
+def encode_chat_prompt(
+    tokenizer: Tokenizer,
+    turns: Sequence[Turn],
+    image_token_counts: Sequence[int] = (),
+    *,
+    system: str = DEFAULT_SYSTEM_PROMPT,
+) -> Encoded:
+    """The inference prompt of a conversation: LLaVA turns that alternate from a human turn
+    and end with one, then `<|start_header_id|>assistant<|end_header_id|>\\n\\n`; the answer
+    the sampler appends belongs to the last turn (its `turn_ids`). The images' `<image>` tags
+    are in the turns (each takes the next image); if no turn holds one, the last question
+    gets one `<image>\\n` per image in front (as the official demo writes it)."""
+    turns = [dict(t) for t in turns]
+    if not turns or [t.get("from") for t in turns] != [
+            "human" if k % 2 == 0 else "gpt" for k in range(len(turns))] or len(turns) % 2 == 0:
+        raise ValueError("a prompt's turns alternate from 'human' and end with a 'human' turn, "
+                         f"got {[t.get('from') for t in turns]}")
+    if not any(IMAGE_TAG in t["value"] for t in turns):
+        turns[-1]["value"] = f"{IMAGE_TAG}\n" * len(image_token_counts) + turns[-1]["value"]
+    b = _Builder(tokenizer, image_token_counts)
+    _system(b, system)
+    for k, turn in enumerate(turns):
+        b.turn(ROLES[_role(turn, k)], turn["value"], target=False)
+    b.open_message("assistant")
+    b.special(tokenizer.start_header_id)
+    b.text("assistant", False)
+    b.special(tokenizer.end_header_id)
+    b.text(HEADER_END, False)
+    return b.finish()
+
+
 def encode_prompt(
     tokenizer: Tokenizer,
     question: str,
@@ -186,22 +234,11 @@ def encode_prompt(
     *,
     system: str = DEFAULT_SYSTEM_PROMPT,
 ) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The inference prompt: the conversation up to the assistant header, inclusive:
-    system turn, user turn, `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
-
-    A question without `<image>` tags gets one `<image>\\n` per image in front (as the official
-    demo writes it). Returns (tokens int32 [n], image_starts); the sampler appends mask tokens.
-    """
-    if IMAGE_TAG not in question:
-        question = f"{IMAGE_TAG}\n" * len(image_token_counts) + question
-    b = _Builder(tokenizer, image_token_counts)
-    _system(b, system)
-    b.turn("user", question, target=False)
-    b.special(tokenizer.start_header_id)
-    b.text("assistant", False)
-    b.special(tokenizer.end_header_id)
-    b.text(HEADER_END, False)
-    enc = b.finish()
+    """The one-question inference prompt (`encode_chat_prompt` of one human turn): system
+    turn, user turn, `<|start_header_id|>assistant<|end_header_id|>\\n\\n`. Returns (tokens
+    int32 [n], image_starts); the sampler appends mask tokens."""
+    enc = encode_chat_prompt(tokenizer, [{"from": "human", "value": question}],
+                             image_token_counts, system=system)
     return enc.tokens, enc.image_starts
 
 

@@ -48,6 +48,31 @@ def forward_mask(
     return jnp.where(masked, mask_id, tokens), masked, p_mask
 
 
+def complementary_masks(
+    rng: jax.Array,
+    tokens: jax.Array,
+    targets: jax.Array,
+    segment_ids: jax.Array,
+    mask_id: int,
+    eps: float = EPS,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """LaViDa's complementary masking (docs/design.md §4.4): (noisy, masked, p_mask), each
+    [2, B, L]. Copy 1 ([0]) is `forward_mask`; copy 2 ([1]) masks exactly the targets copy 1
+    left visible, so every target is masked in exactly one copy.
+
+    Given t, copy 2 masks each target with probability 1 - p_mask, so its weight is
+    1 / (1 - p_mask): with it `loss_terms` of either copy is an unbiased estimate of the same
+    1/t-weighted objective (copy 2's rate (1 - eps)(1 - t) is uniform on (0, 1 - eps]).
+    The rate is clipped below at eps, as copy 1's p_mask is: the weight stays <= 1 / eps
+    (as t -> 1 it would be unbounded), biased only for t > 1 - eps / (1 - eps), a ~eps share.
+    """
+    noisy, masked, p_mask = forward_mask(rng, tokens, targets, segment_ids, mask_id, eps)
+    masked2 = targets & ~masked
+    p_mask2 = jnp.maximum(1.0 - p_mask, eps)
+    noisy2 = jnp.where(masked2, mask_id, tokens)
+    return jnp.stack([noisy, noisy2]), jnp.stack([masked, masked2]), jnp.stack([p_mask, p_mask2])
+
+
 def loss_terms(
     logits: jax.Array,
     tokens: jax.Array,

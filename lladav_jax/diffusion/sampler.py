@@ -11,6 +11,8 @@ masked positions, and a row is done once `<|eot_id|>` is committed with nothing 
 All of it is one jitted program: blocks in a loop, steps in a while loop that ends when the
 block is decoded or every row is done. Prompts are left-padded (padding is segment 0, invisible)
 with positions counted from each prompt's first token, so a row decodes as it would alone.
+A prompt with `turn_ids` (a multi-turn conversation, for a model with the conversation mask)
+gives the answer its last turn: it sees the whole dialogue, earlier turns never see it.
 
 Caches: `none` runs the whole sequence every step. `prefix` runs it once per block to cache
 every position's keys/values, then each step runs only the block and what follows it. `dual`
@@ -155,34 +157,37 @@ class _Setup:
     prompt_len: int
 
 
-def _block_logits(model, s: _Setup, embeds, positions, segments, cache, b, x, fresh: bool):
+def _block_logits(model, s: _Setup, embeds, positions, segments, turns, cache, b, x,
+                  fresh: bool):
     """Logits [B, block, V] of block `b`: by a full pass (no cache, or a block's first step,
     which also fills the cache) or by a cached pass over the block (dual) or block + suffix
-    (prefix; `b` is a Python int there)."""
+    (prefix; `b` is a Python int there). `turns`: turn ids [B, L], or None."""
     o, p = s.options, s.prompt_len
     bl = o.block_length
     start = p + b * bl
     llm = model.llm
     if o.cache == "none" or fresh:
         if o.cache == "none":
-            h = llm.hidden_states(embeds(x), positions, segments)
+            h = llm.hidden_states(embeds(x), positions, segments, turn_ids=turns)
         else:
             h, cache = llm.cached_hidden_states(embeds(x), positions, segments, cache, 0,
-                                                segments)
+                                                segments, turns, turns)
         return llm.logits(jax.lax.dynamic_slice_in_dim(h, start, bl, axis=1)), cache
     size = bl if o.cache == "dual" else x.shape[1] - start
     chunk = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
     h, _ = llm.cached_hidden_states(chunk(embeds(x)), chunk(positions), chunk(segments), cache,
-                                    start, segments)
+                                    start, segments, None if turns is None else chunk(turns),
+                                    turns)
     return llm.logits(h[:, :bl]), cache
 
 
-def _step(model, s: _Setup, embeds, positions, segments, state, b, quota, fresh, rng):
+def _step(model, s: _Setup, embeds, positions, segments, turns, state, b, quota, fresh, rng):
     """One denoising step of block `b`; state = (x, cache, committed_at, step, done)."""
     o, ids = s.options, s.ids
     x, cache, committed_at, step, done = state
     bl, start = o.block_length, s.prompt_len + b * o.block_length
-    logits, cache = _block_logits(model, s, embeds, positions, segments, cache, b, x, fresh)
+    logits, cache = _block_logits(model, s, embeds, positions, segments, turns, cache, b, x,
+                                  fresh)
     logits = logits.astype(jnp.float32)
     if o.cfg_scale > 0:  # rows are [conditional; unconditional]
         cond, uncond = jnp.split(logits, 2)
@@ -211,7 +216,7 @@ def _step(model, s: _Setup, embeds, positions, segments, state, b, quota, fresh,
     return x, cache, committed_at, step + 1, done
 
 
-def _decode_block(model, s, embeds, positions, segments, state, b, rng):
+def _decode_block(model, s, embeds, positions, segments, turns, state, b, rng):
     o, ids = s.options, s.ids
     spb = o.steps // o.num_blocks
     bl, start = o.block_length, s.prompt_len + b * o.block_length
@@ -237,14 +242,11 @@ def _decode_block(model, s, embeds, positions, segments, state, b, rng):
         fresh = i == 0
         k = jax.random.fold_in(rng, i)
         if o.cache == "none":
-            st = _step(model, s, embeds, positions, segments, st, b, quota, False, k)
+            st = _step(model, s, embeds, positions, segments, turns, st, b, quota, False, k)
         else:  # the block's first step refreshes the cache with a full pass
-            st = jax.lax.cond(
-                fresh,
-                lambda t: _step(model, s, embeds, positions, segments, t, b, quota, True, k),
-                lambda t: _step(model, s, embeds, positions, segments, t, b, quota, False, k),
-                st,
-            )
+            run = lambda t, full: _step(model, s, embeds, positions, segments, turns, t, b,
+                                        quota, full, k)
+            st = jax.lax.cond(fresh, lambda t: run(t, True), lambda t: run(t, False), st)
         return i + 1, st
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
@@ -262,7 +264,8 @@ def generate(
     """Answers for a batch of prompts; jit it (`jax.jit(generate, static_argnames=...)`).
 
     prompt: `tokens` [B, P] (left-padded), `valid` [B, P] bool, and optionally the visual
-    inputs of `LLaDAV.embed_inputs` (`VISUAL_KEYS`; `visual_pos` within the prompt).
+    inputs of `LLaDAV.embed_inputs` (`VISUAL_KEYS`; `visual_pos` within the prompt) and
+    `turn_ids` [B, P] (left padding 0; the answer takes each row's last turn).
     Returns `tokens` [B, gen_length] (masks left where a row stopped early), `committed_at`
     [B, gen_length] (the step that committed each token; -1 never) and `steps` (denoising
     steps run). `on_block(b, tokens)` is called on the host after every block.
@@ -274,6 +277,7 @@ def generate(
     x = jnp.concatenate([tokens, jnp.full((b, o.gen_length), ids.mask, tokens.dtype)], axis=1)
     segments = jnp.concatenate([valid, jnp.ones((b, o.gen_length), bool)], 1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+    turns = answer_turns(prompt["turn_ids"], o.gen_length) if "turn_ids" in prompt else None
     visual = {k: prompt[k] for k in VISUAL_KEYS if k in prompt}
     prompt_embeds = model.embed_inputs(x, **visual)  # the vision tower runs once
     if o.cfg_scale > 0:  # the unconditional rows: the prompt (images too) all masks
@@ -281,6 +285,7 @@ def generate(
         uncond = model.llm.embed(jnp.concatenate([blank, x[:, p:]], axis=1))
         prompt_embeds = jnp.concatenate([prompt_embeds, uncond])
         x, segments, positions = (jnp.concatenate([a, a]) for a in (x, segments, positions))
+        turns = None if turns is None else jnp.concatenate([turns, turns])
     is_prompt = (jnp.arange(x.shape[1]) < p)[None, :, None]
 
     def embeds(xs):
@@ -292,7 +297,7 @@ def generate(
     state = (x, cache, committed_at, jnp.int32(0), jnp.zeros((b,), bool))
 
     def run(blk, st):
-        st = _decode_block(model, s, embeds, positions, segments, st, blk,
+        st = _decode_block(model, s, embeds, positions, segments, turns, st, blk,
                            jax.random.fold_in(rng, blk))
         if on_block is not None:
             io_callback(on_block, None, blk, st[0][:b, p:], ordered=True)
@@ -305,6 +310,15 @@ def generate(
         state = jax.lax.fori_loop(0, o.num_blocks, run, state)
     x, _, committed_at, steps, _ = state
     return {"tokens": x[:b, p:], "committed_at": committed_at, "steps": steps}
+
+
+def answer_turns(prompt_turns: jax.Array, gen_length: int) -> jax.Array:
+    """Turn ids [B, P] of left-padded prompts -> [B, P + gen_length]: the answer belongs to
+    each row's last prompt turn (its last column: the padding is on the left)."""
+    prompt_turns = jnp.asarray(prompt_turns, jnp.int32)
+    last = prompt_turns[:, -1:]
+    answer = jnp.broadcast_to(last, (prompt_turns.shape[0], gen_length))
+    return jnp.concatenate([prompt_turns, answer], axis=1)
 
 
 def jit_generate(graphdef, options: SamplerOptions, ids: SpecialIds,

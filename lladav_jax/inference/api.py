@@ -4,11 +4,18 @@
     m = lv.load("workdir")                      # a model dir, a training workdir or a step dir
     m.generate("cat.png", "What is this?", gen_length=32, steps=32, block_length=32)
     m.generate_batch([("a.png", "Color?"), (["b.png", "c.png"], "Same?")], cache="dual")
+    m.generate(lv.Video("clip.mp4"), "What happens?")   # or video="clip.mp4"
+    m.generate("cat.png", [{"from": "human", "value": "What is this?"},   # a conversation:
+                           {"from": "gpt", "value": "A cat."},            # LLaVA turns, ending
+                           {"from": "human", "value": "What color?"}])    # with a question
     m8 = lv.load("workdir", quantize="int8")   # weight-only int8 (or int4), quantized as it loads
 
-Images may be PIL images, paths or encoded bytes; a prompt without `<image>` tags gets one
-`<image>\\n` per image in front. Prompts of a batch are left-padded to a common length (rounded
-up to PROMPT_BUCKET so that nearby lengths share a compiled program).
+Images may be PIL images, paths or encoded bytes; one image gets AnyRes, each of several a
+padded tile, a video (`media.Video`) its frames (`inference/media.py`). A prompt without
+`<image>` tags gets one `<image>\\n` per image (or video) in front (of its last question).
+A prompt is one question (a str) or a conversation (`template.encode_chat_prompt`); a model
+trained with the conversation mask gets its turn ids. Prompts of a batch are left-padded to a
+common length (rounded up to PROMPT_BUCKET so that nearby lengths share a compiled program).
 """
 
 from __future__ import annotations
@@ -23,15 +30,14 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from lladav_jax.checkpoints import modeldir
-from lladav_jax.data.featurize import load_image
-from lladav_jax.data.image import ProcessedImage, process_image
+from lladav_jax.data.image import ProcessedImage
 from lladav_jax.data.layout import collate_visual
-from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, encode_prompt
+from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, Turn, encode_chat_prompt
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds, compiled_generate
+from lladav_jax.inference.media import Video, Visual, process_visual
 from lladav_jax.models import lladav
 from lladav_jax.models.config import ModelConfig, QuantConfig
 from lladav_jax.models.lladav import LLaDAV
@@ -39,8 +45,8 @@ from lladav_jax.scale import memory, sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this (fewer recompiles)
 
-ImageInput = Image.Image | str | os.PathLike | bytes
-Images = ImageInput | Sequence[ImageInput] | None
+Images = Visual  # one image, a list of images, a `Video`, or None
+Prompt = str | Sequence[Turn]  # one question, or LLaVA turns from human to human
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,20 +75,7 @@ class BlockDone:
 class _Prompt:
     tokens: np.ndarray
     images: list[tuple[ProcessedImage, int]]  # (image, placeholder start in the prompt)
-
-
-def _as_list(images: Images) -> list[ImageInput]:
-    if images is None:
-        return []
-    if isinstance(images, Image.Image | str | os.PathLike | bytes | bytearray | memoryview):
-        return [images]
-    return list(images)
-
-
-def _as_pil(image: ImageInput) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    return load_image(image)
+    turn_ids: np.ndarray  # int32 [n]: the dialogue turn of each token (0 first)
 
 
 class Model:
@@ -103,21 +96,38 @@ class Model:
         self._lock = threading.Lock()
 
     # -- prompts ---------------------------------------------------------------------------------
-    def _encode(self, images: Images, prompt: str, system: str) -> _Prompt:
-        processed = [process_image(_as_pil(x), self.config) for x in _as_list(images)]
+    def _encode(self, images: Images, prompt: Prompt, system: str) -> _Prompt:
+        turns = _turns(prompt)
+        processed = process_visual(images, self.config)
         tiles = sum(p.tiles.shape[0] for p in processed)
         visual = sum(p.layout.num_tokens for p in processed)
         limits = self.config.image
         if tiles > limits.max_tiles or visual > limits.max_visual_tokens:
             raise ValueError(
-                f"the {len(processed)} image(s) of prompt {prompt[:40]!r} need {tiles} tiles and "
-                f"{visual} visual tokens; the model takes at most image.max_tiles="
-                f"{limits.max_tiles} and image.max_visual_tokens={limits.max_visual_tokens}"
+                f"the {len(processed)} image(s) of prompt {turns[-1]['value'][:40]!r} need "
+                f"{tiles} tiles and {visual} visual tokens; the model takes at most "
+                f"image.max_tiles={limits.max_tiles} and image.max_visual_tokens="
+                f"{limits.max_visual_tokens}"
             )
-        tokens, starts = encode_prompt(
-            self.tokenizer, prompt, [p.layout.num_tokens for p in processed], system=system
+        enc = encode_chat_prompt(
+            self.tokenizer, turns, [p.layout.num_tokens for p in processed], system=system
         )
-        return _Prompt(tokens, list(zip(processed, starts, strict=True)))
+        self._check_turns(enc.turn_ids, turns)
+        return _Prompt(enc.tokens, list(zip(processed, enc.image_starts, strict=True)),
+                       enc.turn_ids)
+
+    @property
+    def conversation(self) -> bool:
+        """Whether the model attends under the conversation mask (it then reads turn ids)."""
+        return ModelConfig.from_config(self.config).attention_mask == "conversation"
+
+    def _check_turns(self, turn_ids: np.ndarray, turns: Sequence[Turn]) -> None:
+        # The conversation mask's splash passes stop at max_turns (models.attention).
+        cfg = ModelConfig.from_config(self.config)
+        n = int(turn_ids.max()) + 1
+        if cfg.attention_mask == "conversation" and n > cfg.max_turns:
+            raise ValueError(f"the conversation ending {turns[-1]['value'][:40]!r} has {n} "
+                             f"turns; the model takes at most max_turns={cfg.max_turns}")
 
     @property
     def max_positions(self) -> int:
@@ -147,6 +157,11 @@ class Model:
             tokens[i, pad:], valid[i, pad:] = p.tokens, True
             visual.append([(img, start + pad) for img, start in p.images])  # left padding
         batch = {"tokens": tokens, "valid": valid}
+        if self.conversation:
+            turn_ids = np.zeros((len(prompts), p_len), np.int32)
+            for i, p in enumerate(prompts):
+                turn_ids[i, p_len - len(p.tokens):] = p.turn_ids
+            batch["turn_ids"] = turn_ids
         if any(visual):
             # Unused visual slots point at p_len + gen_length: past the end, dropped.
             batch.update(collate_visual(visual, self.config, p_len + gen_length))
@@ -175,7 +190,7 @@ class Model:
 
     def generate_batch(
         self,
-        items: Sequence[tuple[Images, str]],
+        items: Sequence[tuple[Images, Prompt]],
         *,
         seed: int = 0,
         on_block: Callable[[list[BlockDone]], Any] | None = None,
@@ -183,7 +198,8 @@ class Model:
         system: str | None = None,
         **options,
     ) -> list[str] | list[Generation]:
-        """Answers for (images, prompt) pairs, decoded together as one batch.
+        """Answers for (images, prompt) pairs, decoded together as one batch; a prompt is a
+        question or a conversation (LLaVA turns from human to human, `generate`).
 
         `options`: the sampler's, named as `SamplerOptions`' fields (gen_length, steps, cache,
         threshold, ...); those not given take its defaults. `on_block(blocks)` gets one
@@ -227,23 +243,41 @@ class Model:
     def generate(
         self,
         images: Images,
-        prompt: str,
+        prompt: Prompt,
         *,
         on_block: Callable[[BlockDone], Any] | None = None,
         return_details: bool = False,
+        video: str | os.PathLike | bytes | None = None,
         **options,
     ) -> str | Generation:
-        """The answer to `prompt` about `images` (one image, a list, or None).
+        """The answer to `prompt` about `images` (one image, a list, a `Video`, or None), or
+        about `video` (a path or bytes: `Video(video)`, given instead of images). `prompt`: a
+        question, or a conversation `[{"from": "human", "value": ...}, {"from": "gpt", ...},
+        ..., {"from": "human", ...}]` whose last question is answered; a conversation longer
+        than the model's `max_turns` is a ValueError.
 
         Options: those of `generate_batch` (the sampler's, `SamplerOptions`, with its
         defaults), seed=0, system=None (the model's `system_prompt`).
         `on_block(BlockDone)` is called after every block; `return_details` gives a Generation
         (ids, commit steps) instead of text.
         """
+        if video is not None:
+            if images is not None:
+                raise ValueError("give images or a video, not both")
+            images = Video(video)
         stream = None if on_block is None else (lambda blocks: on_block(blocks[0]))
         (result,) = self.generate_batch([(images, prompt)], on_block=stream,
                                         return_details=return_details, **options)
         return result
+
+
+def _turns(prompt: Prompt) -> list[Turn]:
+    """A prompt as LLaVA turns: a question is one human turn."""
+    if isinstance(prompt, str):
+        return [{"from": "human", "value": prompt}]
+    if not prompt:
+        raise ValueError("a conversation prompt needs at least one human turn, got none")
+    return list(prompt)
 
 
 def weight_bytes(module: nnx.Module) -> int:

@@ -1,13 +1,21 @@
 """Scoring answers as `lladav-eval` does (docs/design.md §10.3): benchmark presets, reading rows,
 extracting option letters, exact match and relaxed accuracy.
 
-Rows: `image` (a path, a list of paths, or absent; paths are read from the data file's folder,
-and one that leaves it, by `..` or as an absolute path elsewhere, is an error), `question`,
-`answer` (a string, or a list of accepted strings) and optional `choices` (a list). A
-multiple-choice question gets its choices appended as "A. ...\\nB. ..." and is scored by the
-letter read from the prediction. Other questions are scored by exact match (ignoring case,
-whitespace and punctuation) or, with the `chartqa` preset or --metric relaxed, by relaxed
-accuracy (numbers within 5%, else exact match).
+Rows: `image` (a path, a list of paths, or absent; `images` is another name for it) or
+`video` (a path), `question`, `answer` (a string, or a list of accepted strings) and optional
+`choices` (a list). Paths are read from the data file's folder; one that leaves it, by `..` or as
+an absolute path elsewhere, is an error. A multiple-choice question gets its choices appended as
+"A. ...\\nB. ..." (choices already lettered so, as VideoMME's are, are not lettered twice) and is
+scored by the letter read from the prediction. Other questions are scored by exact match
+(ignoring case, whitespace and punctuation) or, with the `chartqa` preset or --metric relaxed,
+by relaxed accuracy (numbers within 5%, else exact match).
+
+Presets (`PRESETS`, docs/design.md §5.4): the paper's sampler settings per benchmark, and for
+some how the question is put and the video read. `videomme`: multiple choice (gen_length,
+block_length and steps 2) on videos read as `video.max_frames` frames spread evenly
+(`uniform_frames`), asked in VideoMME's words (`prompt`: "Select the best answer to the following
+multiple-choice question based on the video. Respond with only the letter (A, B, C, or D) of the
+correct option.", the question, the lettered options, then the multiple-choice instruction).
 """
 
 from __future__ import annotations
@@ -30,11 +38,21 @@ PRESETS = {
     "infovqa": dict(gen_length=32, block_length=32, steps=16, **_PAPER),
     "mathvista": dict(gen_length=96, block_length=96, steps=48, **_PAPER),
     "mathverse": dict(gen_length=64, block_length=64, steps=32, **_PAPER),
+    "videomme": dict(gen_length=2, block_length=2, steps=2, **_PAPER, prompt="videomme",
+                     uniform_frames=True),
 }
+# Preset fields that are not sampler options: the metric for questions without choices, the
+# prompt style (`prompt_of`) and whether videos are read as max_frames frames spread evenly.
+NOT_SAMPLER = ("metric", "prompt", "uniform_frames")
+PROMPT_STYLES = ("default", "videomme")
 METRICS = ("exact", "relaxed")
 LETTERS = string.ascii_uppercase
 # As lmms-eval prompts LLaVA-OneVision (and LLaDA-V) for multiple choice.
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# lmms-eval's VideoMME prompt (`videomme_doc_to_text`), its letters following the choices.
+VIDEOMME_INSTRUCTION = ("Select the best answer to the following multiple-choice question based "
+                        "on the video. Respond with only the letter ({letters}) of the correct "
+                        "option.")
 
 
 # -- scoring ---------------------------------------------------------------------------------------
@@ -74,9 +92,37 @@ def relaxed_match(prediction: str, answer: str | list[str], tolerance: float = 0
     return False
 
 
+def _unlettered(choice, index: int) -> str:
+    """A choice without a leading "A. " ("A:", "A)", "(A)") naming its own position."""
+    letter = LETTERS[index]
+    m = re.match(rf"\s*(?:\({letter}\)|{letter}[.:)])\s+(?=\S)", str(choice))
+    return str(choice)[m.end():] if m else str(choice)
+
+
+def lettered(choices: Sequence[str]) -> str:
+    """The options as "A. ...\\nB. ...", a choice already lettered by its position once."""
+    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(plain_choices(choices)))
+
+
+def plain_choices(choices: Sequence[str]) -> list[str]:
+    """The choices, each without a leading letter that names its position ("A. red": "red")."""
+    return [_unlettered(c, i) for i, c in enumerate(choices)]
+
+
 def format_choices(question: str, choices: Sequence[str]) -> str:
-    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    return f"{question}\n{options}\n{MC_INSTRUCTION}"
+    return f"{question}\n{lettered(choices)}\n{MC_INSTRUCTION}"
+
+
+def letter_list(n: int) -> str:
+    """The first n letters as a sentence says them: "A or B", "A, B, C, or D"."""
+    letters = list(LETTERS[:n])
+    return " or ".join(letters) if n <= 2 else f"{', '.join(letters[:-1])}, or {letters[-1]}"
+
+
+def format_videomme(question: str, choices: Sequence[str]) -> str:
+    """VideoMME's prompt: its instruction, the question, the options, MC_INSTRUCTION."""
+    head = VIDEOMME_INSTRUCTION.format(letters=letter_list(len(choices)))
+    return f"{head}\n{question}\n{lettered(choices)}\n{MC_INSTRUCTION}"
 
 
 def extract_letter(prediction: str, choices: Sequence[str]) -> str | None:
@@ -121,9 +167,18 @@ def answer_letter(answer, choices: Sequence[str]) -> str:
 
 
 # -- data ------------------------------------------------------------------------------------------
+def _file_inside(folder: pathlib.Path, name: str, where: str, what: str) -> pathlib.Path:
+    inside = path_inside(folder, name)
+    if inside is None:  # refused before anything is opened, like the training data
+        raise ValueError(f"{where}: {what} {name!r} leaves the data file's folder {folder}")
+    if not os.path.isfile(inside):
+        raise ValueError(f"{where}: {what} {inside}: no such file")
+    return pathlib.Path(inside)
+
+
 def read_rows(path: str | pathlib.Path) -> list[dict]:
     """The rows of a JSONL file, checked up front (an error names the file, line and key);
-    each gets `_images` (absolute paths) and `_line`."""
+    each gets `_images` (absolute paths), `_video` (an absolute path or None) and `_line`."""
     path = pathlib.Path(path)
     folder = path.absolute().parent
     rows = []
@@ -140,25 +195,27 @@ def read_rows(path: str | pathlib.Path) -> list[dict]:
         for key in ("question", "answer"):
             if key not in row:
                 raise ValueError(f"{where}: missing key {key!r}")
-        images = row.get("image")
+        given = [k for k in ("image", "images", "video") if row.get(k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{where}: a row gives {' and '.join(map(repr, given))}: "
+                             "one of them at most")
+        key = given[0] if given else "image"
+        images = row.get(key)
         images = [] if images is None else images if isinstance(images, list) else [images]
-        row["_images"] = []
+        if key == "video" and not (isinstance(row[key], str) and row[key]):
+            raise ValueError(f"{where}: 'video' must be a path")
+        files = []
         for image in images:
             if not isinstance(image, str) or not image:
-                raise ValueError(f"{where}: 'image' must be a path or a list of paths")
-            inside = path_inside(folder, image)
-            if inside is None:  # refused before anything is opened, like the training data
-                raise ValueError(f"{where}: image {image!r} leaves the data file's folder "
-                                 f"{folder}")
-            if not os.path.isfile(inside):
-                raise ValueError(f"{where}: image {inside}: no such file")
-            row["_images"].append(pathlib.Path(inside))
+                raise ValueError(f"{where}: {key!r} must be a path or a list of paths")
+            files.append(_file_inside(folder, image, where, key.rstrip("s")))
+        row["_images"], row["_video"] = ([], files[0]) if key == "video" else (files, None)
         choices = row.get("choices")
         if choices is not None:
             if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
                 raise ValueError(f"{where}: 'choices' must be a list of 2-{len(LETTERS)} options")
             try:
-                answer_letter(row["answer"], choices)
+                answer_letter(row["answer"], plain_choices(choices))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from e
         row["_line"] = n
@@ -168,15 +225,23 @@ def read_rows(path: str | pathlib.Path) -> list[dict]:
     return rows
 
 
-def prompt_of(row: dict) -> str:
+def prompt_of(row: dict, style: str = "default") -> str:
+    """The question put to the model: `style` "default" (the question, then any choices and
+    MC_INSTRUCTION) or "videomme" (`format_videomme`; a question without choices as is)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style {style!r}: expected one of {list(PROMPT_STYLES)}")
     choices = row.get("choices")
-    return format_choices(row["question"], choices) if choices else str(row["question"])
+    if not choices:
+        return str(row["question"])
+    fmt = format_videomme if style == "videomme" else format_choices
+    return fmt(row["question"], choices)
 
 
 def score(row: dict, prediction: str, metric: str) -> dict:
     """The fields added to an output row: prediction, metric, correct (and letter for MC)."""
     choices = row.get("choices")
     if choices:
+        choices = plain_choices(choices)
         letter = extract_letter(prediction, choices)
         right = letter == answer_letter(row["answer"], choices)
         return {"prediction": prediction, "letter": letter, "metric": "multiple_choice",

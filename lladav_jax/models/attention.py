@@ -1,9 +1,13 @@
 """The one attention function of the project, with an implementation switch.
 
-Attention is bidirectional everywhere (LLaDA has no causal mask; SigLIP never had one). The only
+Attention is bidirectional by default (LLaDA has no causal mask; SigLIP never had one). The
 mask is built from segment ids: 0 marks padding, and tokens attend only within their own
 segment, which keeps packed samples apart. Rows of padding queries are unspecified (finite, but
 implementation-dependent): nothing may read them.
+
+Masks (`attention_mask` in the model config, ATTENTION_MASKS): "bidirectional", or
+"conversation", LLaDA-V's dialogue-causal mask: with turn ids (0 first) a query also sees only
+keys of its own or earlier turns (`conversation_mask`).
 
 Implementations (`attention_impl` in the model config):
 - "xla": `jax.nn.dot_product_attention`, any backend.
@@ -29,6 +33,8 @@ from jax.typing import DTypeLike
 from lladav_jax.scale import sharding
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
+ATTENTION_MASKS = ("bidirectional", "conversation")
+DEFAULT_MAX_TURNS = 32  # `ModelConfig.max_turns`: splash runs one pass per possible turn
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,16 @@ def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Arr
     """[B, 1, Lq, Lk] boolean: same segment and the key is not padding."""
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     return (same & (kv_segment_ids[:, None, :] != 0))[:, None]
+
+
+def conversation_mask(
+    q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_turn_ids: jax.Array,
+    kv_turn_ids: jax.Array,
+) -> jax.Array:
+    """[B, 1, Lq, Lk] boolean: `segment_mask` and the key's turn is not after the query's
+    (earlier turns visible, bidirectional within a turn). Turn ids [B, L] ints, 0 first."""
+    earlier = kv_turn_ids[:, None, :] <= q_turn_ids[:, :, None]
+    return segment_mask(q_segment_ids, kv_segment_ids) & earlier[:, None]
 
 
 def splash_unsupported(backend: str) -> str | None:
@@ -133,14 +149,26 @@ def attention(
     *,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    q_turn_ids: jax.Array | None = None,
+    kv_turn_ids: jax.Array | None = None,
+    max_turns: int = DEFAULT_MAX_TURNS,
     impl: str = "xla",
 ) -> jax.Array:
     """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (H a multiple of Hkv) -> [B, Lq, H, D].
 
     Segment ids are [B, L] ints (0 = padding); `None` means every key is visible.
+    Turn ids [B, L] ints (0 first; `None`: bidirectional) add the conversation mask
+    (`conversation_mask`). Turn ids must be < `max_turns`, the bound of splash's passes; the
+    data pipeline and the inference API guarantee it (they skip or refuse longer dialogues).
     """
     if q_segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = q_segment_ids
+    turns = q_turn_ids is not None
+    if turns:
+        kv_turn_ids = q_turn_ids if kv_turn_ids is None else kv_turn_ids
+        if q_segment_ids is None:  # one segment, no padding
+            q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+            kv_segment_ids = jnp.ones(k.shape[:2], jnp.int32)
     impl = resolve_impl(
         impl,
         dtype=q.dtype,
@@ -150,9 +178,14 @@ def attention(
         masked=q_segment_ids is not None,
     )
     if impl == "splash":
+        if turns:
+            return splash_attention(q, k, v, q_segment_ids, kv_segment_ids,
+                                    (q_turn_ids, kv_turn_ids), max_turns)
         return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
     mask = None
-    if q_segment_ids is not None:
+    if turns:
+        mask = conversation_mask(q_segment_ids, kv_segment_ids, q_turn_ids, kv_turn_ids)
+    elif q_segment_ids is not None:
         mask = segment_mask(q_segment_ids, kv_segment_ids)
     # jax computes the logits and softmax in float32 for bf16 inputs.
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
@@ -164,31 +197,68 @@ def splash_attention(
     v: jax.Array,
     q_segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None,
+    turn_ids: tuple[jax.Array, jax.Array] | None = None,
+    max_turns: int = DEFAULT_MAX_TURNS,
 ) -> jax.Array:
     """`attention` by the Splash kernel; under a mesh with logical rules (sharding.
-    sharding_context) it runs per shard of batch and heads, the sequence whole."""
+    sharding_context) it runs per shard of batch and heads, the sequence whole.
+    `turn_ids`: (q [B, Lq], kv [B, Lk]) for the conversation mask (`_splash_turns`)."""
     b, lq, h, _ = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     if q_segment_ids is None:  # one segment; the kernel's block padding below is segment 0
         q_segment_ids = jnp.ones((b, lq), jnp.int32)
         kv_segment_ids = jnp.ones((b, lk), jnp.int32)
+    ids = (q_segment_ids, kv_segment_ids)
+    if turn_ids is None:
+        fn = _splash
+    else:
+        fn, ids = functools.partial(_splash_turns, max_turns=max_turns), ids + tuple(turn_ids)
     mesh = jax.sharding.get_abstract_mesh()
     rules = spmd.get_logical_axis_rules()
     if mesh is None or mesh.empty or not rules or mesh.manual_axes:
-        return _splash(q, k, v, q_segment_ids, kv_segment_ids)
+        return fn(q, k, v, *ids)
     batch = _mesh_axes("batch", rules, mesh, b)
     heads = _mesh_axes("act_heads", rules, mesh, h)
     if heads is not None and hkv % sharding.axes_size(mesh, heads):
         # Too few kv heads to split: give every q head its own copy, which keeps the grouping.
         k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
-    qkv, ids = P(batch, None, heads, None), P(batch, None)
+    qkv, id_spec = P(batch, None, heads, None), P(batch, None)
     return jax.shard_map(
-        _splash,
+        fn,
         mesh=mesh,
-        in_specs=(qkv, qkv, qkv, ids, ids),
+        in_specs=(qkv, qkv, qkv) + (id_spec,) * len(ids),  # turn ids sharded like segments
         out_specs=qkv,
         check_vma=False,  # a Pallas call does not declare how its output varies over the mesh
-    )(q, k, v, q_segment_ids, kv_segment_ids)
+    )(q, k, v, *ids)
+
+
+# Segment ids that match nothing in `_splash_turns`: real segments are >= 1, padding 0.
+_OTHER_TURN_QUERY, _LATER_TURN_KEY = -1, -2
+
+
+def _splash_turns(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array, q_turn_ids: jax.Array, kv_turn_ids: jax.Array, *, max_turns: int,
+) -> jax.Array:
+    """One device's splash attention under the conversation mask. The kernel's mask is static,
+    so the data-dependent one is made of segment ids, one pass per turn t: queries of turn t
+    keep their segment (others a sentinel no key has), keys of turns <= t theirs (later ones
+    another sentinel); the rows of turn-t queries come from pass t. Passes past the largest
+    query turn are skipped (`lax.cond`): only the turns present cost time."""
+    last = jnp.max(q_turn_ids)
+    q_seg, kv_seg = q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
+
+    def run(t: jax.Array, out: jax.Array) -> jax.Array:
+        mine = q_turn_ids == t
+        qs = jnp.where(mine, q_seg, _OTHER_TURN_QUERY)
+        ks = jnp.where(kv_turn_ids <= t, kv_seg, _LATER_TURN_KEY)
+        return jnp.where(mine[:, :, None, None], _splash(q, k, v, qs, ks), out)
+
+    def body(t: jax.Array, out: jax.Array) -> jax.Array:
+        return jax.lax.cond(t <= last, run, lambda _t, o: o, t, out)
+
+    # A static trip count: a scan, which reverse-mode differentiation can take.
+    return jax.lax.fori_loop(0, max_turns, body, jnp.zeros_like(q))
 
 
 def _mesh_axes(name: str, rules, mesh, dim: int) -> str | tuple[str, ...] | None:

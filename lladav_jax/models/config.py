@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import jax.numpy as jnp
 import ml_collections
 
-from lladav_jax.models.attention import IMPLEMENTATIONS
+from lladav_jax.models.attention import ATTENTION_MASKS, DEFAULT_MAX_TURNS, IMPLEMENTATIONS
 from lladav_jax.models.dense import Adapt
 from lladav_jax.models.layers import REMAT_POLICIES, Numerics
 
@@ -101,6 +101,22 @@ class ImageConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoConfig:
+    """Video samples (`lladav_jax.data.video`): frames chosen at about `fps` a second, at most
+    `max_frames` (evenly spread when more; 0: no limit), one tile each; every frame's features
+    bilinearly pooled to ceil(side / pool_stride) per side, a newline after each row."""
+
+    max_frames: int = 32
+    fps: float = 1.0
+    pool_stride: int = 2
+
+    def __post_init__(self):
+        if self.max_frames < 0 or self.fps <= 0 or self.pool_stride < 1:
+            raise ValueError(f"video: max_frames {self.max_frames} must be >= 0, fps "
+                             f"{self.fps} > 0 and pool_stride {self.pool_stride} >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class ConnectorConfig:
     """Vision features -> text embeddings. `mlp2x_gelu`: Linear [vision.hidden_size, D] -> GELU
     (exact erf) -> Linear [D, D], both with bias. In the ConfigDict: `connector="mlp2x_gelu"`."""
@@ -170,8 +186,12 @@ class ModelConfig:
     dtype: str  # compute dtype of activations and matmuls; norms and softmax stay float32
     remat_policy: str  # none | full | dots | dots_no_batch | save_attn_out (layers.remat)
     attention_impl: str  # xla | cudnn | splash | auto (models.attention)
+    # bidirectional | conversation: LLaDA-V's dialogue-causal mask over turn ids (models.attention)
+    attention_mask: str = "bidirectional"
+    max_turns: int = DEFAULT_MAX_TURNS  # the most turns of a sample under the conversation mask
     lora: LoraConfig = LoraConfig()  # adapters (off by default)
     quantize: QuantConfig = QuantConfig()  # quantized frozen weights (off by default)
+    video: VideoConfig = VideoConfig()  # frame choice and pooling of video samples
 
     def __post_init__(self):
         for field in ("param_dtype", "dtype"):
@@ -185,6 +205,12 @@ class ModelConfig:
         if self.attention_impl not in IMPLEMENTATIONS:
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}; choose one of "
                              f"{IMPLEMENTATIONS}")
+        if self.attention_mask not in ATTENTION_MASKS:
+            raise ValueError(f"unknown attention_mask {self.attention_mask!r}; choose one of "
+                             f"{ATTENTION_MASKS}")
+        if not isinstance(self.max_turns, int) or isinstance(self.max_turns, bool) \
+                or self.max_turns < 1:
+            raise ValueError(f"max_turns {self.max_turns!r} must be an integer >= 1")
 
     @property
     def numerics(self) -> Numerics:
@@ -205,7 +231,8 @@ class ModelConfig:
         connector = d["connector"]
         top["connector"] = (connector if isinstance(connector, ConnectorConfig)
                             else ConnectorConfig(str(connector)))
-        for name, part in (("lora", LoraConfig), ("quantize", QuantConfig)):
+        for name, part in (("lora", LoraConfig), ("quantize", QuantConfig),
+                           ("video", VideoConfig)):
             if name in top:
                 top[name] = _build(part, top[name], f"model.{name}")
         return cls(**top)
@@ -282,5 +309,5 @@ def vision_config(vision: VisionConfig | ml_collections.ConfigDict | Mapping) ->
 __all__ = [
     "CONNECTORS", "TEXT_TARGETS", "VISION_TARGETS", "WEIGHT_FORMATS", "ConnectorConfig",
     "ImageConfig", "LoraConfig", "ModelConfig", "ModelConfigLike", "Numerics", "QuantConfig",
-    "TextConfig", "VisionConfig", "vision_config",
+    "TextConfig", "VideoConfig", "VisionConfig", "vision_config",
 ]

@@ -1,8 +1,9 @@
 """Our model config <-> Hugging Face `config.json` (docs/design.md §6.1), beside the typed config.
 
 `config_from_hf` reads an official LLaDA-V config (model_type llava_llada) into our ConfigDict;
-`config_to_hf` writes one, with our `vision_config` and `image_config` dicts added so that small
-models round-trip exactly. `text_config_from_hf` / `vision_config_from_hf` read the parts alone
+`config_to_hf` writes one, with our `vision_config`, `image_config` and `video_config` dicts
+and the attention-mask settings added so that small models round-trip exactly.
+`text_config_from_hf` / `vision_config_from_hf` read the parts alone
 (LLaDA-8B's own config, a SigLIP config), as the stage-1 importer needs them.
 """
 
@@ -124,6 +125,12 @@ def config_from_hf(hf: Mapping[str, Any]) -> ml_collections.ConfigDict:
         cfg.image.max_grid = _max_grid(hf["image_grid_pinpoints"], cfg.vision.image_size)
         cfg.image.max_tiles = 1 + cfg.image.max_grid**2
     cfg.image.update(hf.get("image_config") or {})  # our extension: the exact settings
+    if hf.get("mm_spatial_pool_stride"):
+        cfg.video.pool_stride = int(hf["mm_spatial_pool_stride"])
+    cfg.video.update(hf.get("video_config") or {})
+    for key in ("attention_mask", "max_turns"):  # ours: the dialogue-causal mask (§4.3)
+        if key in hf:
+            cfg[key] = hf[key]
     return cfg
 
 
@@ -165,6 +172,10 @@ def config_to_hf(cfg: ModelConfigLike, dtype: str = "bfloat16") -> dict[str, Any
         "use_mm_proj": True,
         "image_aspect_ratio": im.aspect_ratio if anyres else "square",
         "image_grid_pinpoints": [list(p) for p in grid_pinpoints(v.image_size, im.max_grid)],
+        "mm_spatial_pool_stride": cfg.video.pool_stride,
         "vision_config": dataclasses.asdict(v),
         "image_config": dataclasses.asdict(im),
+        "video_config": dataclasses.asdict(cfg.video),
+        "attention_mask": cfg.attention_mask,
+        "max_turns": cfg.max_turns,
     }

@@ -101,13 +101,16 @@ class LLaDAV(nnx.Module):
         visual_src: jax.Array | None = None,
         visual_w: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
+        turn_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Logits [B, L, vocab]; takes a batch dict as keyword arguments (`model(**batch)`).
-        `dropout_rng`: the key of LoRA dropout (training); None: none."""
+        `dropout_rng`: the key of LoRA dropout (training); None: none. `turn_ids` [B, L]: the
+        dialogue turns, read only under `attention_mask="conversation"`."""
         vision_rng, text_rng = (None, None) if dropout_rng is None else jax.random.split(
             dropout_rng)
         x = self.embed_inputs(tokens, pixels, visual_pos, visual_src, visual_w, vision_rng)
-        return self.llm.logits(self.llm.hidden_states(x, positions, segment_ids, text_rng))
+        return self.llm.logits(self.llm.hidden_states(x, positions, segment_ids, text_rng,
+                                                      turn_ids=turn_ids))
 
 
 def create(

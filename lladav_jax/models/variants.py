@@ -94,7 +94,7 @@ def model_config(name: str = "tiny") -> ml_collections.ConfigDict:
         image = _image(max_tiles=10, max_visual_tokens=2688)
     elif name == "tiny":
         text = _text(
-            vocab_size=512,  # the demo tokenizer has 480 tokens
+            vocab_size=512,  # the demo tokenizer has 504 tokens
             hidden_size=64,
             num_layers=2,
             num_heads=4,
@@ -115,10 +115,17 @@ def model_config(name: str = "tiny") -> ml_collections.ConfigDict:
             text=text,
             vision=vision,
             image=image,
+            # Video samples (stage 2b): about `fps` frames a second, at most `max_frames` (the
+            # official frames_upbound; frames are tiles, so image.max_tiles must hold them),
+            # each frame's features bilinearly pooled by `pool_stride` per side.
+            video=dict(max_frames=32, fps=1.0, pool_stride=2),
             connector="mlp2x_gelu",
             param_dtype="float32",
             dtype="float32",  # compute dtype; training configs set bfloat16
             remat_policy="none",  # none | full | dots | dots_no_batch | save_attn_out
             attention_impl="xla",  # xla | cudnn (GPU) | splash (TPU) | auto; see attention.py
+            # bidirectional | conversation (LLaDA-V's dialogue-causal mask over turn ids)
+            attention_mask="bidirectional",
+            max_turns=32,  # the most turns of a sample under the conversation mask
         )
     )

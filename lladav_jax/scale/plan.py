@@ -105,7 +105,8 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh, mask_id: int
     state = abstract_train_state(tx, layout, mesh)
     batch = abstract_batch(config, mesh)
     step = jit_train_step(layout.step_graphdef, tx, mask_id,
-                                  jax.tree.map(lambda x: x.sharding, state))
+                                  jax.tree.map(lambda x: x.sharding, state),
+                                  config.train.get("complementary_masking", False))
     # Under the mesh and rules, as the loop runs it: activation constraints take effect.
     with sharding.sharding_context(mesh, layout.rules):
         lowered = step.lower(state, layout.frozen, batch)
@@ -346,6 +347,7 @@ def plan(config: ml_collections.ConfigDict, target: topo.Topology, devices: int 
 
     tiles = d.batch_size * int(config.model.image.max_tiles)
     analytic = flops.flops_per_step(config.model, (d.batch_size, d.seq_len), tiles)
+    analytic *= 2 if config.train.get("complementary_masking", False) else 1  # rows run twice
     xla_flops = _flops(compiled)
     memory = _memory(compiled)
     hbm_use = _fits(memory["total"], hbm_margin)

@@ -111,8 +111,8 @@ def _check_synthetic_paths(data: Mapping) -> None:
     # other data than its config says is worse than this error.
     if data["source"] != "synthetic":
         return
-    for key in ("path", "image_folder"):
-        value = data[key]
+    for key in ("path", "image_folder", "video_folder"):
+        value = data.get(key, "")
         if value:
             guess = guess_source(data["path"]) if data["path"] else "llava_json"
             hint = (f"set --config.data.source={guess}" if guess else

@@ -37,10 +37,11 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         source="synthetic",
         path="",  # LLaVA JSON/JSONL (llava_json), shard folder or glob (array_record),
         image_folder="",  # TFDS directory (tfds)
+        video_folder="",  # llava_json: where `video` paths are (default: the data file's dir)
         split="train",  # tfds split
         mixture=[],  # for `mixture`: dicts of source, path, image_folder, split, weight
         size=4096,  # synthetic: samples in the train split
-        synthetic_kind="qa",  # synthetic: qa | caption | size (data/synthetic.py)
+        synthetic_kind="qa",  # synthetic: qa | caption | size | motion | pick | mixed
         eval_size=256,  # synthetic: held-out samples scored at the end
         eval_path="",  # the held-out set of `eval.every` (synthetic runs: the test split)
         eval_source="",  # its kind ("" = source's; llava_json for a mixture)
@@ -83,6 +84,7 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # and every this many steps (0: logging steps only); one process checks every step.
         preemption_check_every=0,
         on_bad_checkpoint="fallback",  # or fail: a latest checkpoint that does not restore
+        complementary_masking=False,  # LaViDa (design §4.4); rows run twice: ~2x memory, FLOPs
     ))
     # Validation every `every` steps (0: none) on the held-out set (train/validation.py).
     c.eval = ml_collections.ConfigDict(dict(

@@ -20,7 +20,8 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def one_source(kind: str, spec: Any, seed: int) -> Any:
-    """One source of `kind` from its settings (`path`, `image_folder`, `split`, `size`)."""
+    """One source of `kind` from its settings (`path`, `image_folder`, `video_folder`, `split`,
+    `size`)."""
     if kind == "synthetic":
         return SyntheticSource(spec.get("size", 4096), split="train", seed=seed,
                                kind=spec.get("synthetic_kind", "qa"))
@@ -29,7 +30,8 @@ def one_source(kind: str, spec: Any, seed: int) -> Any:
     if kind == "llava_json":
         from lladav_jax.data.sources.llava_json import LlavaJsonSource
 
-        return LlavaJsonSource(spec["path"], spec.get("image_folder") or None)
+        return LlavaJsonSource(spec["path"], spec.get("image_folder") or None,
+                               spec.get("video_folder") or None)
     if kind == "array_record":
         from lladav_jax.data.sources.array_record import ArrayRecordSource
 

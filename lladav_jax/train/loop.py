@@ -117,7 +117,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, mesh: Me
     params, opt_state, book = _start(config, mesh, ckpts, layout, tx, data_iter)
     graphdef, state, frozen = _train_state(mesh, layout, tx, params, opt_state, book)
     step_fn = jit_train_step(graphdef, tx, tokenizer.mask_id,
-                             jax.tree.map(lambda x: x.sharding, state))
+                             jax.tree.map(lambda x: x.sharding, state),
+                             config.train.get("complementary_masking", False))
 
     primary = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir_path, book.step, enabled=primary)
@@ -231,10 +232,13 @@ def _batch_counts(config: ml_collections.ConfigDict, batch: dict,
     rows, length = config.data.batch_size, batch["tokens"].shape[1]
     padded_tiles = rows * batch["pixels"].shape[1]
     tiles = int(batch.pop("num_tiles"))
+    copies = 2 if config.train.get("complementary_masking", False) else 1  # every row twice
     return {"samples": samples, "tokens": tokens,
             # each sample attends to its own tokens (segments), on average tokens / samples
-            "flops": flops.model_flops(config.model, tokens, tokens / max(samples, 1), tiles),
-            "flops_padded": flops.flops_per_step(config.model, (rows, length), padded_tiles)}
+            "flops": copies * flops.model_flops(config.model, tokens, tokens / max(samples, 1),
+                                                tiles),
+            "flops_padded": copies * flops.flops_per_step(config.model, (rows, length),
+                                                          padded_tiles)}
 
 
 def _train_state(mesh: Mesh, layout: ModelLayout, tx: optax.GradientTransformation,

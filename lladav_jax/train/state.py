@@ -130,10 +130,11 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh,
 
 
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mask_id: int,
-                   state_shardings: TrainState) -> Callable:
+                   state_shardings: TrainState, complementary: bool = False) -> Callable:
     """The step as the loop runs it: the state donated and leaving with the shardings it came
-    in with (one compilation, the same executable before and after a resume)."""
-    return jax.jit(make_train_step(graphdef, tx, mask_id), donate_argnums=0,
+    in with (one compilation, the same executable before and after a resume).
+    complementary: train.complementary_masking (every row runs twice)."""
+    return jax.jit(make_train_step(graphdef, tx, mask_id, complementary), donate_argnums=0,
                    out_shardings=(state_shardings, None))
 
 

@@ -19,7 +19,8 @@ from flax import nnx
 from lladav_jax.data.example import VISUAL_KEYS
 from lladav_jax.diffusion import objective
 
-MODEL_KEYS = ("tokens", "positions", "segment_ids", *VISUAL_KEYS)  # what `LLaDAV.__call__` takes
+# What `LLaDAV.__call__` takes.
+MODEL_KEYS = ("tokens", "positions", "segment_ids", "turn_ids", *VISUAL_KEYS)
 
 
 @jax.tree_util.register_dataclass
@@ -32,9 +33,12 @@ class TrainState:
 
 
 def micro_loss(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, batch: dict,
-               rng: jax.Array, mask_id: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               rng: jax.Array, mask_id: int,
+               complementary: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(loss sum, sample count, masked-token count) of one micro-batch."""
     model = nnx.merge(graphdef, trainable, frozen)
+    if complementary:
+        return complementary_loss(model, batch, rng, mask_id)
     noisy, masked, p_mask = objective.forward_mask(
         rng, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id
     )
@@ -47,9 +51,29 @@ def micro_loss(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, 
     return total, (count, jnp.sum(masked))
 
 
+def complementary_loss(model: nnx.Module, batch: dict, rng: jax.Array,
+                       mask_id: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`micro_loss` with LaViDa's complementary masks (docs/design.md §4.4): every row runs
+    twice, 2B rows, its two copies adjacent (under a batch-sharded mesh both stay on the
+    row's device: no transfer); sums and sample counts add both copies."""
+    noisy, masked, p_mask = objective.complementary_masks(
+        rng, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id
+    )
+    pairs = lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])  # [2, B, ..] -> [2B, ..]
+    twice = lambda x: jnp.repeat(x, 2, axis=0)  # [B, ..] -> [2B, ..], the same order
+    inputs = {k: twice(batch[k]) for k in MODEL_KEYS if k in batch}
+    logits = model(**{**inputs, "tokens": pairs(noisy)}, dropout_rng=jax.random.fold_in(rng, 1))
+    total, count = objective.loss_terms(
+        logits, twice(batch["tokens"]), pairs(masked), pairs(p_mask), twice(batch["targets"]),
+        twice(batch["segment_ids"])
+    )
+    return total, (count, jnp.sum(masked))
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    mask_id: int) -> Callable:
-    """step(state, frozen, batch) -> (state, metrics); batch arrays are [accum, micro, ...]."""
+                    mask_id: int, complementary: bool = False) -> Callable:
+    """step(state, frozen, batch) -> (state, metrics); batch arrays are [accum, micro, ...].
+    complementary: LaViDa's complementary masking (train.complementary_masking)."""
 
     def step(state: TrainState, frozen: nnx.State, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
@@ -58,7 +82,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         def accumulate(carry, xs):
             micro, k = xs
             (total, (count, n_masked)), grads = grad_fn(
-                graphdef, state.trainable, frozen, micro, k, mask_id
+                graphdef, state.trainable, frozen, micro, k, mask_id, complementary
             )
             acc_grads, acc_total, acc_count, acc_masked = carry
             acc_grads = jax.tree.map(jnp.add, acc_grads, grads)

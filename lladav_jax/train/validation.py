@@ -50,7 +50,8 @@ def eval_source(config: ml_collections.ConfigDict) -> Any:
     d = config.data
     if d.eval_path:
         kind = d.eval_source or ("llava_json" if d.source == "mixture" else d.source)
-        spec = {"path": d.eval_path, "image_folder": d.image_folder, "split": d.eval_split,
+        spec = {"path": d.eval_path, "image_folder": d.image_folder,
+                "video_folder": d.get("video_folder", ""), "split": d.eval_split,
                 "size": config.eval.samples}
         return one_source(kind, spec, d.seed)
     if d.source == "synthetic":

@@ -9,7 +9,8 @@ from PIL import Image
 
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.data.example import Example, Skip
-from lladav_jax.data.featurize import Featurizer, ImageLoadError, image_size, load_image
+from lladav_jax.data.featurize import Featurizer
+from lladav_jax.data.image_file import ImageLoadError, image_size, load_image
 from lladav_jax.data.layout import num_visual_tokens
 from lladav_jax.data.template import llava_llada
 from lladav_jax.models.variants import model_config
@@ -144,8 +145,9 @@ def test_multi_image_sample(feat, cfg):
     assert isinstance(ex, Example) and len(ex.images) == 3
     sizes = [(90, 60), (40, 120), (5, 5)]
     for image, start, size in zip(ex.images, ex.image_starts, sizes):
-        assert image.size == size
-        assert image.layout.num_tokens == num_visual_tokens(*size, cfg)
+        assert image.size == size  # several images: one padded tile each (docs §2.6)
+        assert image.tiles.shape[0] == 1
+        assert image.layout.num_tokens == num_visual_tokens(*size, cfg, mode="pad")
         assert not ex.targets[start : start + image.layout.num_tokens].any()
 
 

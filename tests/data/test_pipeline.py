@@ -32,12 +32,13 @@ class FakeFeaturizer:
         n = 5 + (i * 37) % 40
         tokens = np.full(n, 10, np.int32)
         tokens[0] = 100 + i
-        return Measured(str(i), tokens, np.arange(n) % 2 == 0)
+        return Measured(str(i), tokens, np.arange(n) % 2 == 0, np.zeros(n, np.int32))
 
     def add_pixels(self, measured: Measured, raw: dict):
         if raw["id"] in self.bad_pixels:
             return Skip("corrupt_image", measured.sample_id, "truncated")
-        return Example(measured.sample_id, measured.tokens, measured.targets)
+        return Example(measured.sample_id, measured.tokens, measured.targets,
+                       measured.turn_ids)
 
 
 def settings(**kw) -> ml_collections.ConfigDict:
@@ -110,10 +111,12 @@ KEPT = []
 class Featurizer:
     def measure(self, raw):
         n = 5 + raw["id"] % 40
-        return Measured(str(raw["id"]), np.full(n, 10, np.int32), np.ones(n, bool))
+        return Measured(str(raw["id"]), np.full(n, 10, np.int32), np.ones(n, bool),
+                        np.zeros(n, np.int32))
 
     def add_pixels(self, measured, raw):
-        return Example(measured.sample_id, measured.tokens, measured.targets)
+        return Example(measured.sample_id, measured.tokens, measured.targets,
+                       measured.turn_ids)
 
 
 def main(how):
@@ -249,7 +252,8 @@ def image_example(name: str, size: tuple[int, int], text: int, seed: int) -> Exa
     rng = np.random.default_rng(seed)
     v = img.layout.num_tokens
     tokens = np.concatenate([rng.integers(3, 500, 2), np.zeros(v), rng.integers(3, 500, text)])
-    return Example(name, tokens.astype(np.int32), np.ones(len(tokens), bool), (img,), (2,))
+    return Example(name, tokens.astype(np.int32), np.ones(len(tokens), bool),
+                   np.zeros(len(tokens), np.int32), (img,), (2,))
 
 
 @pytest.mark.slow

@@ -282,3 +282,27 @@ def test_cli(data, capsys):
         check=True,
     ).stdout
     assert "pack-arrayrecord" in help_text and "build-tfds" in help_text
+
+
+def test_videos_travel_inside_shards_and_tfds(tmp_path):
+    """A video sample's file is read from the video folder into the records (ArrayRecord and
+    TFDS); a missing one is marked, one outside the folder kept as its path, never read."""
+    from lladav_jax.data.sources.tfds import TfdsSource, build_tfds
+    from lladav_jax.data.video import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "clip.mp4", [np.full((32, 32, 3), 40 * k, np.uint8) for k in range(4)],
+                fps=2)
+    rows = [{"id": v, "video": f"{v}.mp4" if v != "out" else "../clip.mp4",
+             "conversations": turns("<image>\nWhat?", "Red.")} for v in ("clip", "gone", "out")]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    stats = pack(tmp_path / "d.json", None, tmp_path / "shards", 1, 1, videos)
+    assert (stats.videos, stats.missing_videos, stats.unsafe_paths) == (3, 1, 1)
+    tfds_dir = build_tfds(tmp_path / "tfds", tmp_path / "d.json", video_folder=videos)
+    want = (videos / "clip.mp4").read_bytes()
+    for source in (ArrayRecordSource(tmp_path / "shards"), TfdsSource(tfds_dir)):
+        clip, gone, out = (source[i] for i in range(3))
+        assert clip["videos"] == [want] and "_missing_videos" not in clip
+        assert gone["_missing_videos"] == [0] and gone["videos"][0].endswith("gone.mp4")
+        assert out["_unsafe_videos"] == [0] and out["videos"] == ["../clip.mp4"]

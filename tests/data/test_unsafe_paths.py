@@ -139,7 +139,7 @@ def test_packing_never_reads_or_copies_a_file_outside(data, capsys):
     out = path.parent / "shards"
     assert main(["pack-arrayrecord", "--data_path", str(path), "--image_folder", str(images),
                  "--out", str(out), "--num_shards", "2"]) == 0
-    assert "2 image paths outside the image folder" in capsys.readouterr().out
+    assert "2 paths outside the image or video folder" in capsys.readouterr().out
     secret = outside.read_bytes()
     source = ArrayRecordSource(out)
     for i in range(len(source)):
@@ -159,7 +159,7 @@ def test_tfds_building_never_reads_or_copies_a_file_outside(data, capsys):
     out = path.parent / "tfds"
     assert main(["build-tfds", "--data_path", str(path), "--image_folder", str(images),
                  "--out", str(out)]) == 0
-    assert "2 image paths outside the image folder" in capsys.readouterr().out
+    assert "2 paths outside the image or video folder" in capsys.readouterr().out
     secret = outside.read_bytes()
     source = TfdsSource(out)
     for i in range(len(source)):

@@ -79,3 +79,87 @@ def test_packed_rows_equal_separate_rows():
     total, count = objective.loss_terms(logits, tokens, masked, p, targets, seg)
     assert float(count) == 2
     np.testing.assert_allclose(float(total), sum(float(t) for t, _ in alone), rtol=1e-6)
+
+
+def packed_padded_batch():
+    """2 rows: two packed samples then padding (segment 0, never a target)."""
+    tokens = jnp.arange(2 * 64).reshape(2, 64) % 50
+    segments = jnp.concatenate([jnp.ones((2, 30), jnp.int32), jnp.full((2, 24), 2),
+                                jnp.zeros((2, 10), jnp.int32)], axis=1)
+    targets = (jnp.arange(64) % 4 != 0)[None].repeat(2, 0) & (segments > 0)
+    return tokens, targets, segments
+
+
+def test_complementary_masks_partition_the_targets():
+    tokens, targets, segments = packed_padded_batch()
+    for seed in range(8):
+        noisy, masked, p = objective.complementary_masks(jax.random.key(seed), tokens, targets,
+                                                         segments, MASK)
+        assert masked.shape == (2, *tokens.shape)
+        # Copy 1 is the ordinary forward process, bit for bit.
+        one = objective.forward_mask(jax.random.key(seed), tokens, targets, segments, MASK)
+        for got, want in zip((noisy[0], masked[0], p[0]), one):
+            np.testing.assert_array_equal(got, want)
+        # Disjoint, covering every target, nothing outside (padding and prompts included).
+        assert not bool(jnp.any(masked[0] & masked[1]))
+        np.testing.assert_array_equal(masked[0] | masked[1], targets)
+        for c in range(2):
+            assert bool(jnp.all(jnp.where(masked[c], noisy[c] == MASK, noisy[c] == tokens)))
+        # Per packed segment too: each sample's targets split between the copies.
+        for s in (1, 2):
+            seg = segments == s
+            np.testing.assert_array_equal((masked[0] | masked[1]) & seg, targets & seg)
+        np.testing.assert_allclose(p[1], np.maximum(1 - np.asarray(p[0]), objective.EPS))
+
+
+def test_complementary_weights_are_one_over_each_copys_rate():
+    """Hand-made logits: CE_i = c_i known. With the t drawn (p_mask read back), copy 1's loss
+    is sum_{masked 1} c_i / p / L and copy 2's sum_{masked 2} c_i / (1 - p) / L."""
+    n, v = 40, 5
+    tokens = jnp.asarray(np.arange(n) % v)[None]
+    targets = jnp.asarray(np.arange(n) >= 8)[None]  # 8 prompt positions, 32 answer ones
+    segments = jnp.ones((1, n), jnp.int32)
+    logits = np.zeros((1, n, v), np.float32)
+    logits[0, np.arange(n), np.arange(n) % v] = np.linspace(0, 3, n)  # CE varies by position
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -logp[0, np.arange(n), np.arange(n) % v]
+    l_ans = 32
+    for seed in range(5):
+        _, masked, p = objective.complementary_masks(jax.random.key(seed), tokens, targets,
+                                                     segments, MASK)
+        p0 = float(p[0, 0, 0])
+        for c, rate in ((0, p0), (1, max(1 - p0, objective.EPS))):
+            total, count = objective.loss_terms(logits, tokens, masked[c], p[c], targets,
+                                                segments)
+            want = ce[np.asarray(masked[c, 0])].sum() / rate / l_ans
+            assert float(count) == 1
+            np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    # Unbiased: over many t, either copy's mean loss is the mean answer CE (a long answer
+    # keeps the masked share close to its rate, so few draws suffice).
+    n, v = 400, 5
+    tokens = jnp.asarray(np.arange(n) % v)[None]
+    targets, segments = jnp.ones((1, n), bool), jnp.ones((1, n), jnp.int32)
+    logits = np.zeros((1, n, v), np.float32)
+    logits[0, np.arange(n), np.arange(n) % v] = 1.0  # the same CE everywhere
+    c_ce = float(np.log(np.exp(1.0) + v - 1) - 1.0)
+
+    @jax.jit
+    def copy_losses(key):
+        _, masked, p = objective.complementary_masks(key, tokens, targets, segments, MASK)
+        return jnp.stack([objective.loss_terms(logits, tokens, masked[c], p[c], targets,
+                                               segments)[0] for c in range(2)])
+
+    losses = np.array([copy_losses(jax.random.key(s)) for s in range(300)])
+    np.testing.assert_allclose(losses.mean(0), [c_ce, c_ce], rtol=0.05)
+
+
+def test_complementary_rate_is_clipped_at_eps(monkeypatch):
+    """t near 1 (p_mask -> 1): copy 2's rate stops at eps, its weight at 1 / eps."""
+    tokens, targets, segments = packed_padded_batch()
+    almost_one = jnp.full(tokens.shape, 1 - 1e-6)
+    monkeypatch.setattr(objective, "forward_mask",
+                        lambda *a, **k: (tokens, jnp.zeros_like(targets), almost_one))
+    _, masked, p = objective.complementary_masks(jax.random.key(0), tokens, targets, segments,
+                                                 MASK)
+    np.testing.assert_array_equal(masked[1], targets)
+    np.testing.assert_allclose(p[1], objective.EPS)

@@ -32,8 +32,8 @@ from lladav_jax.models import hf_params, lladav, variants
 from tests.close import assert_close
 
 SCALE = 0.3  # weights large enough that argmaxes vary from position to position
-EOT_BIAS = 11.0  # raises <|eot_id|>'s logit by about this much where the answer is still masked
-STRONG_EOT_BIAS = 14.0  # every row stops
+EOT_BIAS = 16.0  # raises <|eot_id|>'s logit by about this much where the answer is still masked
+STRONG_EOT_BIAS = 25.0  # every row stops
 SHARPEN = 3.0  # lm_head x3: confident predictions, for threshold decoding
 QUESTIONS = (  # (question, image size or None): three prompt lengths
     ("What color is it?", (60, 40)),

@@ -269,7 +269,8 @@ def test_presets_follow_the_paper():
     triples = {k: (v["gen_length"], v["block_length"], v["steps"]) for k, v in p.items()}
     assert triples == {"multiple_choice": (2, 2, 2), "chartqa": (16, 16, 16),
                        "docvqa": (32, 32, 16), "infovqa": (32, 32, 16),
-                       "mathvista": (96, 96, 48), "mathverse": (64, 64, 32)}
+                       "mathvista": (96, 96, 48), "mathverse": (64, 64, 32),
+                       "videomme": (2, 2, 2)}
     assert all(v["temperature"] == 0 and v["remasking"] == "low_confidence" for v in p.values())
 
 

@@ -6,11 +6,9 @@ import re
 import pytest
 from PIL import Image
 
-from lladav_jax.checkpoints import modeldir
 from lladav_jax.cli import generate
-from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.inference import api
-from lladav_jax.models import lladav, variants
+from tests.tiny_model import random_model_dir
 
 FAST = dict(gen_length=8, block_length=4, steps=4)
 LONG = "describe the red square " * 600  # ~2,400 words: over tiny's 2048 positions
@@ -18,12 +16,7 @@ LONG = "describe the red square " * 600  # ~2,400 words: over tiny's 2048 positi
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prompt_length")
-    load_demo_tokenizer().save(root / "tok")
-    cfg = variants.model_config("tiny")
-    modeldir.save_model_dir(root / "model", lladav.create(cfg, seed=0), cfg,
-                            tokenizer_dir=root / "tok")
-    return root / "model"
+    return random_model_dir(tmp_path_factory.mktemp("prompt_length"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ they were (`id`, `conversations`, `image`, anything else) plus
   `_missing_images`: the indices of those str entries (present only when there are any);
   `_unsafe_images`: kept from the source: indices of paths that leave the image folder, stored
             as the path (a str) and never read (the featurizer skips them as `unsafe_path`);
-  `_error`: kept from the source for a malformed sample (the featurizer skips and counts it).
+  `_error`: kept from the source for a malformed sample (the featurizer skips and counts it);
+  `videos`, `_missing_videos`, `_unsafe_videos`: a video sample's one video, the same way.
 Shards are `data-SSSSS-of-NNNNN.array_record`; `manifest.json` beside them holds the format name
 and the pack counts.
 """
@@ -41,7 +42,9 @@ class PackStats:
     images: int = 0
     missing_images: int = 0
     samples_with_missing_images: int = 0
-    unsafe_paths: int = 0  # image paths outside the image folder: not read, kept as marked
+    unsafe_paths: int = 0  # paths outside the image/video folder: not read, kept as marked
+    videos: int = 0
+    missing_videos: int = 0
     malformed: int = 0
     record_bytes: int = 0
 
@@ -51,7 +54,10 @@ class PackStats:
         missing = len(sample.get("_missing_images", ()))
         self.missing_images += missing
         self.samples_with_missing_images += missing > 0
-        self.unsafe_paths += len(sample.get("_unsafe_images", ()))
+        self.unsafe_paths += len(sample.get("_unsafe_images", ())) + len(
+            sample.get("_unsafe_videos", ()))
+        self.videos += len(sample.get("videos", ()))
+        self.missing_videos += len(sample.get("_missing_videos", ()))
         self.malformed += "_error" in sample
         self.record_bytes += size
 
@@ -60,37 +66,48 @@ class PackStats:
         return (
             f"{self.samples} samples, {self.images} images ({mib:.1f} MiB of records); "
             f"{self.missing_images} images missing in {self.samples_with_missing_images} "
-            f"samples (kept, marked); {self.unsafe_paths} image paths outside the image "
+            f"samples (kept, marked); {self.videos} videos, {self.missing_videos} missing "
+            f"(kept, marked); {self.unsafe_paths} paths outside the image or video "
             f"folder (not read, marked); {self.malformed} malformed (kept, marked)"
         )
 
 
-def with_image_bytes(sample: RawSample) -> RawSample:
-    """The sample with each image path replaced by the file's bytes.
-
-    A file that cannot be read stays as its path (a str) and its index goes to `_missing_images`,
-    so the featurizer skips the sample as `missing_image` and counts it. A path the source
-    listed in `_unsafe_images` (outside the image folder) stays as it is, never opened.
-    """
-    images, missing = [], []
-    unsafe = sample.get("_unsafe_images", ())
-    for k, image in enumerate(sample.get("images", ())):
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            images.append(bytes(image))
+def _read_files(sample: RawSample, key: str, missing_key: str, unsafe_key: str) -> RawSample:
+    """The sample with each path in `key` replaced by the file's bytes; an unreadable one stays
+    a path (a str) with its index in `missing_key`; one listed in `unsafe_key` is never read."""
+    files, missing = [], []
+    unsafe = sample.get(unsafe_key, ())
+    for k, ref in enumerate(sample.get(key, ())):
+        if isinstance(ref, (bytes, bytearray, memoryview)):
+            files.append(bytes(ref))
             continue
         if k in unsafe:
-            images.append(os.fspath(image))
+            files.append(os.fspath(ref))
             continue
         try:
-            with open(image, "rb") as f:
-                images.append(f.read())
+            with open(ref, "rb") as f:
+                files.append(f.read())
         except OSError:  # missing, a directory, no permission: all "not there" for training
-            images.append(os.fspath(image))
+            files.append(os.fspath(ref))
             missing.append(k)
-    out = {**sample, "images": images}
+    out = {**sample, key: files} if key in sample else dict(sample)
     if missing:
-        out["_missing_images"] = sorted(set(out.get("_missing_images", [])) | set(missing))
+        out[missing_key] = sorted(set(out.get(missing_key, [])) | set(missing))
     return out
+
+
+def with_image_bytes(sample: RawSample) -> RawSample:
+    """The sample with each image path (and a video sample's video path) replaced by the file's
+    bytes.
+
+    A file that cannot be read stays as its path (a str) and its index goes to `_missing_images`
+    (`_missing_videos`), so the featurizer skips the sample as missing_image (missing_video) and
+    counts it. A path the source listed in `_unsafe_images` (`_unsafe_videos`, outside its
+    folder) stays as it is, never opened.
+    """
+    sample = _read_files({"images": [], **sample}, "images", "_missing_images",
+                         "_unsafe_images")
+    return _read_files(sample, "videos", "_missing_videos", "_unsafe_videos")
 
 
 def encode_sample(sample: RawSample) -> bytes:
@@ -210,11 +227,13 @@ def pack(
     out_dir: str | os.PathLike,
     num_shards: int,
     num_threads: int = 8,
+    video_folder: str | os.PathLike | None = None,
 ) -> PackStats:
-    """Packs a LLaVA `.json`/`.jsonl` and its images into ArrayRecord shards; prints the counts."""
+    """Packs a LLaVA `.json`/`.jsonl` and its images and videos into ArrayRecord shards; prints
+    the counts."""
     from lladav_jax.data.sources.llava_json import LlavaJsonSource
 
-    source = LlavaJsonSource(json_path, image_folder)
+    source = LlavaJsonSource(json_path, image_folder, video_folder)
     stats = write_array_records(source, out_dir, num_shards, num_threads)
     print(f"packed {json_path} -> {out_dir} ({num_shards} shards): {stats.summary()}")
     return stats

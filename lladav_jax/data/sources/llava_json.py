@@ -9,7 +9,8 @@ featurizer turns into a counted `Skip("malformed")`. Missing image files are not
 (that would stat millions of files up front); the featurizer reports them when it opens them.
 An image path that leaves the image folder (`sources.path_inside`) is kept as written and its
 index listed in `_unsafe_images`: nothing opens it, and the featurizer skips the sample as
-`unsafe_path`.
+`unsafe_path`. A video sample's `video` path is read from the video folder the same way
+(`videos`, `_unsafe_videos`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def _line_index(path: str, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray
 
 
 class LlavaJsonSource:
-    """LLaVA-format `.json` (one list) or `.jsonl` (one object a line) plus an image folder.
+    """LLaVA-format `.json` (one list) or `.jsonl` (one object a line) plus image and video
+    folders.
 
     `images` holds absolute paths: each `image` entry joined to `image_folder` (default: the data
     file's directory), like the official `--data_path` / `--image_folder`. Files are not opened
@@ -95,10 +97,15 @@ class LlavaJsonSource:
     (`.json`), which the featurizer counts as a skip. A file that is not JSON at all raises.
     """
 
-    def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
+                 video_folder: str | os.PathLike | None = None):
         self.path = os.path.abspath(os.fspath(path))
-        folder = os.path.dirname(self.path) if image_folder is None else os.fspath(image_folder)
-        self.image_folder = os.path.abspath(folder)
+        here = os.path.dirname(self.path)
+        self.image_folder = os.path.abspath(here if image_folder is None
+                                            else os.fspath(image_folder))
+        # The official --video_folder; default the data file's directory, like images.
+        self.video_folder = os.path.abspath(here if video_folder is None
+                                            else os.fspath(video_folder))
         self.name = os.path.basename(self.path)
         self._blob: bytes | None = None  # `.json`: the elements, re-encoded back to back
         if self.path.endswith(".jsonl"):
@@ -168,7 +175,16 @@ class LlavaJsonSource:
         sample["images"] = images
         if unsafe:
             sample["_unsafe_images"] = unsafe
+        video = sample.get("video")
+        if video is not None:
+            if not isinstance(video, str) or not video:
+                return malformed(where, f"`video` must be a path (id {sample['id']})")
+            inside = path_inside(self.video_folder, video)
+            sample["videos"] = [video if inside is None else inside]
+            if inside is None:
+                sample["_unsafe_videos"] = [0]
         return sample
 
     def __repr__(self) -> str:
-        return f"LlavaJsonSource({self.path!r}, image_folder={self.image_folder!r})"
+        return (f"LlavaJsonSource({self.path!r}, image_folder={self.image_folder!r}, "
+                f"video_folder={self.video_folder!r})")

@@ -11,7 +11,8 @@ Features of each example:
   `_unsafe_images` / `_error` when set; not `images`); `images`: Sequence of encoded image bytes
   in `<image>` order, where a file missing at build time holds its path (UTF-8) and is listed in
   `_missing_images`, and a path outside the image folder holds that path (never read) and is
-  listed in `_unsafe_images`.
+  listed in `_unsafe_images`; `videos`: the same for a video sample's one video (empty
+  otherwise; datasets built before videos existed lack the feature).
 Shuffling is disabled, so example i of the split is sample i of the input.
 
 Layout: `<out>/llava/<config>/<version>/` (the config is named after the data file).
@@ -49,6 +50,7 @@ class LlavaConfig(tfds.core.BuilderConfig):
 
     data_path: str | None = None
     image_folder: str | None = None
+    video_folder: str | None = None
     samples: Callable[[], Iterable[RawSample]] | None = None
 
 
@@ -79,6 +81,9 @@ class Llava(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "images": tfds.features.Sequence(
                         tfds.features.Tensor(shape=(), dtype=np.object_)
                     ),
+                    "videos": tfds.features.Sequence(
+                        tfds.features.Tensor(shape=(), dtype=np.object_)
+                    ),
                 }
             ),
             disable_shuffling=True,
@@ -94,30 +99,42 @@ class Llava(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         else:
             from lladav_jax.data.sources.llava_json import LlavaJsonSource
 
-            samples = LlavaJsonSource(cfg.data_path, cfg.image_folder)
+            samples = LlavaJsonSource(cfg.data_path, cfg.image_folder, cfg.video_folder)
         self.stats = PackStats()
         for i, sample in enumerate(loaded_samples(samples)):
             features = to_features(sample)
-            self.stats.add(sample, len(features["sample"]) + sum(map(len, features["images"])))
+            size = sum(map(len, features["images"] + features["videos"]))
+            self.stats.add(sample, len(features["sample"]) + size)
             yield i, features
 
 
+def _encoded(files) -> list[bytes]:
+    return [f.encode() if isinstance(f, str) else f for f in files]
+
+
+def _decoded(files, sample: RawSample, marks: tuple[str, str]) -> list[bytes | str]:
+    out = [bytes(f) for f in files]
+    for k in {*sample.get(marks[0], ()), *sample.get(marks[1], ())}:
+        out[k] = out[k].decode()  # a path, not the file's bytes
+    return out
+
+
 def to_features(sample: RawSample) -> dict[str, Any]:
-    images = [im.encode() if isinstance(im, str) else im for im in sample.get("images", ())]
-    fields = {k: v for k, v in sample.items() if k != "images"}
+    fields = {k: v for k, v in sample.items() if k not in ("images", "videos")}
     return {
         "id": str(sample.get("id", "")),
         "sample": json.dumps(fields, ensure_ascii=False),
-        "images": images,
+        "images": _encoded(sample.get("images", ())),
+        "videos": _encoded(sample.get("videos", ())),
     }
 
 
 def from_features(example: dict[str, Any]) -> RawSample:
     sample = json.loads(example["sample"])
-    images = [bytes(im) for im in example["images"]]
-    for k in {*sample.get("_missing_images", ()), *sample.get("_unsafe_images", ())}:
-        images[k] = images[k].decode()  # a path, not image bytes
-    sample["images"] = images
+    sample["images"] = _decoded(example["images"], sample, ("_missing_images", "_unsafe_images"))
+    videos = example.get("videos")
+    if videos is not None and len(videos):
+        sample["videos"] = _decoded(videos, sample, ("_missing_videos", "_unsafe_videos"))
     return sample
 
 
@@ -133,14 +150,15 @@ def build_tfds(
     image_folder: str | os.PathLike | None = None,
     samples: Callable[[], Iterable[RawSample]] | None = None,
     name: str | None = None,
+    video_folder: str | os.PathLike | None = None,
 ) -> str:
     """Builds the dataset; returns its `<out>/llava/<name>/<version>` directory (absolute).
 
     A dataset already built there is reused as it is (TFDS never overwrites): delete it, or give
     another `name`, after changing the data.
 
-    Give `data_path` (+ `image_folder`) or `samples`; `name` (the config) defaults to the data
-    file's stem, or `default`.
+    Give `data_path` (+ `image_folder`, `video_folder`) or `samples`; `name` (the config)
+    defaults to the data file's stem, or `default`.
     """
     if (data_path is None) == (samples is None):
         raise ValueError("build_tfds: give either data_path or samples")
@@ -154,6 +172,7 @@ def build_tfds(
         description=f"from {data_path}" if data_path else "from samples",
         data_path=data_path,
         image_folder=None if image_folder is None else os.path.abspath(os.fspath(image_folder)),
+        video_folder=None if video_folder is None else os.path.abspath(os.fspath(video_folder)),
         samples=samples,
     )
     out_dir = os.path.abspath(os.fspath(out_dir))

@@ -1,0 +1,67 @@
+"""The train step's masking modes on the tiny model, in process: the ordinary step and
+complementary masking (docs/design.md §4.4, train.complementary_masking) against a plain
+recomputation of their loss from the same keys."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lladav_jax.data.example import BATCH_KEYS
+from lladav_jax.diffusion import objective
+from lladav_jax.models import lladav
+from lladav_jax.train import optim
+from lladav_jax.train.defaults import demo
+from lladav_jax.train.inputs import load_tokenizer, make_batches
+from lladav_jax.train.step import MODEL_KEYS, TrainState, make_train_step, split_accum
+
+
+@pytest.fixture(scope="module")
+def setup():
+    c = demo()  # the tiny model, one tile, 64-token rows
+    c.data.size, c.data.batch_size, c.data.window = 16, 4, 8
+    tok = load_tokenizer("")
+    batch = next(iter(make_batches(c, tok)[0]))
+    batch = {k: jnp.asarray(v) for k, v in batch.items() if k in BATCH_KEYS}
+    tx, _ = optim.make_optimizer(c.optim, 10)
+    model = lladav.LLaDAV(c.model, rngs=nnx.Rngs(0))
+    graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter(c.optim.lr), ...)
+    state = TrainState(jnp.int32(0), trainable, tx.init(trainable), jax.random.key(3))
+    return model, graphdef, tx, state, frozen, batch, tok.mask_id
+
+
+def reference(model, batch: dict, key: jax.Array, mask_id: int, complementary: bool):
+    """(loss sum, samples) recomputed copy by copy, each copy its own B-row forward pass."""
+    args = (key, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id)
+    if complementary:
+        copies = zip(*objective.complementary_masks(*args))
+    else:
+        copies = [objective.forward_mask(*args)]
+    inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    total = count = 0.0
+    for noisy, masked, p in copies:
+        logits = model(**{**inputs, "tokens": noisy}, dropout_rng=jax.random.fold_in(key, 1))
+        t, n = objective.loss_terms(logits, batch["tokens"], masked, p, batch["targets"],
+                                    batch["segment_ids"])
+        total, count = total + t, count + n
+    return float(total), float(count)
+
+
+@pytest.mark.parametrize("complementary", [False, True])
+def test_step_loss_is_the_objective_of_its_masks(setup, complementary):
+    model, graphdef, tx, state, frozen, batch, mask_id = setup
+    step = jax.jit(make_train_step(graphdef, tx, mask_id, complementary))
+    new, m = step(state, frozen, split_accum(batch, 1))
+    key = jax.random.split(jax.random.split(state.rng)[1], 1)[0]  # the step's micro-batch key
+    total, count = reference(model, batch, key, mask_id, complementary)
+    assert np.isfinite(float(m["loss"])) and not bool(m["skipped"])
+    np.testing.assert_allclose(float(m["loss"]), total / count, rtol=2e-5)
+    n_samples = float(objective.loss_terms(  # samples with targets, once
+        jnp.zeros((*batch["tokens"].shape, 2)), jnp.zeros_like(batch["tokens"]),
+        batch["targets"], jnp.ones(batch["tokens"].shape), batch["targets"],
+        batch["segment_ids"])[1])
+    assert float(m["samples"]) == count == (2 if complementary else 1) * n_samples
+    if complementary:  # every answer token is masked in exactly one copy
+        assert int(m["masked_tokens"]) == int(jnp.sum(batch["targets"]))
+    assert int(new.step) == 1
