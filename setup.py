@@ -30,6 +30,7 @@ setup(
         "ml-collections>=1.0",
         "numpy>=1.26",
         "pillow>=10",
+        "av>=14",  # PyAV: video samples' frames (data/video.py), FFmpeg in its wheels
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tqdm>=4.60",
