@@ -116,5 +116,6 @@ class Example:
 VISUAL_KEYS = ("pixels", "visual_pos", "visual_src", "visual_w")
 # The arrays of a batch. Model inputs: tokens, positions, segment_ids, turn_ids and VISUAL_KEYS
 # (see `LLaDAV.__call__`). For the objective: targets. Segment ids are 1, 2, ... per packed
-# sample and 0 for padding; positions and turn ids restart at 0 in every segment.
+# sample and 0 for padding; positions and turn ids restart at 0 in every segment. `turn_ids` is
+# there only for a model with the conversation mask (`pipeline.collate`).
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "turn_ids", *VISUAL_KEYS)

@@ -12,7 +12,7 @@ A motion video is 64-96 px a side (even sides, for the codec's yuv420p), 6-14 s 
 second: about a frame a second (`video.fps` 1) chooses 6-14 of its 12-28 frames, so under
 `video.max_frames` 8 the videos over 8 s take the evenly spread (linspace) branch and the
 others every second frame. The shape is whole in every frame and moves from about the centre
-to near the edge the answer names (an eighth of the frame or more); the other coordinate is
+to near the edge the answer names (a fifth of the frame or more); the other coordinate is
 anywhere. Where the shape spends its frames shows the way it goes, so a model can answer
 without reading the frames' order.
 """
@@ -60,7 +60,7 @@ def motion_scenes(rng: np.random.Generator, answer: str) -> list[Scene]:
     background = _background(rng)
     frames = VIDEO_FPS * int(rng.integers(MIN_SECONDS, MAX_SECONDS + 1))
     shape, color = pick(rng, SHAPES), pick(rng, tuple(COLORS))
-    r = rng.uniform(0.22, 0.28) * min(w, h)
+    r = rng.uniform(0.14, 0.18) * min(w, h)
     along, across = (w, h) if answer in ("left", "right") else (h, w)
     # From about the centre to near the edge the answer names: the frames show where it goes.
     start = along / 2 + rng.uniform(-0.05, 0.05) * along

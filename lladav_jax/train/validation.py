@@ -118,7 +118,7 @@ def _score(graphdef: nnx.GraphDef, answer_pass: bool, trainable: nnx.State, froz
     b = {k: v[0] for k, v in batch.items()}  # [1, rows, ...] -> [rows, ...]
     noisy, masked, p_mask = noisy[0], masked[0], p_mask[0]
     model = nnx.merge(graphdef, trainable, frozen)
-    logits = model(**{**{k: b[k] for k in MODEL_KEYS}, "tokens": noisy})
+    logits = model(**{**{k: b[k] for k in MODEL_KEYS if k in b}, "tokens": noisy})
     total, count = objective.loss_terms(logits, b["tokens"], masked, p_mask, b["targets"],
                                         b["segment_ids"])
     hit = (logits.argmax(-1) == b["tokens"]) | ~masked

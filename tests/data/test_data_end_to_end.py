@@ -187,7 +187,7 @@ def test_pixels_that_fail_after_a_good_header_are_padding_alike_for_1_and_2_proc
     assert filled == 15  # one planned row left all padding
     halves = [list(dataset(raws, tiny(), rows=rows, **kw)) for rows in ([0, 1], [2, 3])]
     for b, (x, y) in zip(whole, zip(*halves)):
-        for k in BATCH_KEYS:
+        for k in set(BATCH_KEYS) & set(b):
             np.testing.assert_array_equal(np.concatenate([x[k], y[k]]), b[k], err_msg=k)
         assert x["num_samples"] == y["num_samples"] == b["num_samples"]
         assert x["skips"] == y["skips"] == b["skips"]

@@ -115,7 +115,7 @@ def test_motion_video_moves_the_way_the_answer_says():
             centres.append((xs.mean() / info.width, ys.mean() / info.height))
         (x0, y0), (x1, y1) = centres[0], centres[-1]
         moved = {"right": x1 - x0, "left": x0 - x1, "down": y1 - y0, "up": y0 - y1}
-        assert moved[s["answer"]] > 0.1, (i, s["answer"], centres)
+        assert moved[s["answer"]] > 0.15, (i, s["answer"], centres)
         across = abs(y1 - y0) if s["answer"] in ("left", "right") else abs(x1 - x0)
         assert across < 0.05, (i, s["answer"], centres)
         along = [c[0] if s["answer"] in ("left", "right") else c[1] for c in centres]
@@ -207,4 +207,4 @@ def test_motion_goes_from_the_centre_to_the_named_edge_without_leaving_the_frame
         axis, side = (2, w) if answer in ("left", "right") else (3, h)
         assert abs(first[axis] - side / 2) <= 0.05 * side  # starts about the centre
         toward_end = last[axis] > side / 2 if answer in ("right", "down") else last[axis] < side / 2
-        assert toward_end and abs(last[axis] - first[axis]) >= side / 10
+        assert toward_end and abs(last[axis] - first[axis]) >= side / 5
