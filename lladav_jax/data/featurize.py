@@ -32,7 +32,7 @@ from lladav_jax.data.template import (
     move_image_tag_first,
 )
 from lladav_jax.data.tokenizer import Tokenizer
-from lladav_jax.data.video import VideoInfo, VideoLoadError, frame_indices, probe, read_frames
+from lladav_jax.data.video import VideoInfo, VideoLoadError, probe, read_frames, video_frames
 
 OVERLONG = ("drop", "truncate")
 
@@ -102,11 +102,6 @@ def _video_ref(raw: Mapping) -> tuple[Any, str] | None:
     if isinstance(ref, bytes | bytearray | memoryview):
         return ref, listed if isinstance(listed, str) else "video"
     raise _Skipped("malformed", f"'video' is a {type(ref).__name__}, not bytes or a path")
-
-
-def video_frames(info: VideoInfo, cfg) -> list[int]:
-    """The frame indices a video sample uses under the model config (`cfg.video`)."""
-    return frame_indices(info.frames, info.fps, cfg.video.fps, cfg.video.max_frames)
 
 
 def _image_refs(raw: Mapping) -> tuple[list, list[str]]:

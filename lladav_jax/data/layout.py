@@ -164,6 +164,30 @@ def plain_layout(cfg) -> VisualLayout:
     return VisualLayout(src, weight)
 
 
+def _bilinear(source, row_taps, col_taps) -> tuple[np.ndarray, np.ndarray]:
+    """The 4 taps of a bilinear resize: src int [H, W, 4] (`source(rows, cols)` gives the flat
+    feature index of each pair) and weight float32 [H, W, 4]; unused taps: source 0, weight 0.
+    row_taps / col_taps: `_linear_taps` along each axis."""
+    ri0, ri1, rl0, rl1 = row_taps
+    ci0, ci1, cl0, cl1 = col_taps
+    src = np.stack([source(ri0, ci0), source(ri0, ci1), source(ri1, ci0), source(ri1, ci1)],
+                   axis=-1)
+    w = np.stack([np.outer(rl0, cl0), np.outer(rl0, cl1), np.outer(rl1, cl0), np.outer(rl1, cl1)],
+                 axis=-1).astype(np.float32)
+    return np.where(w != 0, src, 0), w
+
+
+def _with_newlines(src: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maps [..., H, W, 4] with one NEWLINE token closing every row, flattened to [N, 4]
+    (src int32, weight float32)."""
+    nl_src = np.zeros((*src.shape[:-2], 1, TAPS), np.int64)
+    nl_src[..., 0] = NEWLINE
+    nl_w = np.zeros(nl_src.shape, np.float32)
+    nl_w[..., 0] = 1.0
+    rows_src = np.concatenate([src, nl_src], axis=-2).reshape(-1, TAPS).astype(np.int32)
+    return rows_src, np.concatenate([w, nl_w], axis=-2).reshape(-1, TAPS)
+
+
 def anyres_layout(
     size_wh: tuple[int, int], grid: tuple[int, int], cfg, *, hf_rounding: bool = False
 ) -> VisualLayout:
@@ -176,8 +200,6 @@ def anyres_layout(
     cols, _ = grid
     geometry = _grid_geometry(size_wh, grid, u, _max_num_patches(cfg), hf_rounding)
     r0, c0, h, w, out_h, out_w = geometry
-    ri0, ri1, rl0, rl1 = _linear_taps(h, out_h)
-    ci0, ci1, cl0, cl1 = _linear_taps(w, out_w)
 
     def source(rows_idx, cols_idx):  # [out_h], [out_w] -> [out_h, out_w] flat feature index
         y = (r0 + rows_idx)[:, None]
@@ -185,23 +207,10 @@ def anyres_layout(
         tile = 1 + (y // u) * cols + x // u
         return tile * p + (y % u) * u + x % u
 
-    grid_src = np.stack(
-        [source(ri0, ci0), source(ri0, ci1), source(ri1, ci0), source(ri1, ci1)], axis=-1
-    )
-    grid_w = np.stack(
-        [np.outer(rl0, cl0), np.outer(rl0, cl1), np.outer(rl1, cl0), np.outer(rl1, cl1)], axis=-1
-    ).astype(np.float32)
-    grid_src = np.where(grid_w != 0, grid_src, 0)  # unused taps: source 0, weight 0
-    # One NEWLINE token closes every row.
-    nl_src = np.zeros((out_h, 1, TAPS), np.int64)
-    nl_src[..., 0] = NEWLINE
-    nl_w = np.zeros((out_h, 1, TAPS), np.float32)
-    nl_w[..., 0] = 1.0
-    rows_src = np.concatenate([grid_src, nl_src], axis=1).reshape(-1, TAPS)
-    rows_w = np.concatenate([grid_w, nl_w], axis=1).reshape(-1, TAPS)
-
+    rows_src, rows_w = _with_newlines(*_bilinear(source, _linear_taps(h, out_h),
+                                                 _linear_taps(w, out_w)))
     base = plain_layout(cfg)
-    src = np.concatenate([base.src, rows_src.astype(np.int32)])
+    src = np.concatenate([base.src, rows_src])
     weight = np.concatenate([base.weight, rows_w])
     return VisualLayout(src, weight)
 
@@ -212,11 +221,7 @@ def pad_layout(cfg) -> VisualLayout:
     base = plain_layout(cfg)
     if not pad_newline(cfg):
         return base
-    newline = np.zeros((1, TAPS), np.int32)
-    newline[0, 0] = NEWLINE
-    weight = np.zeros((1, TAPS), np.float32)
-    weight[0, 0] = 1.0
-    return VisualLayout(np.concatenate([base.src, newline]), np.concatenate([base.weight, weight]))
+    return VisualLayout(*_with_newlines(base.src[None], base.weight[None]))  # one row of P
 
 
 def pooled_side(cfg) -> int:
@@ -236,24 +241,11 @@ def video_layout(num_frames: int, cfg) -> VisualLayout:
     `interpolate(mode="bilinear")`, align_corners False) and laid row after row, frame after
     frame, each row of s tokens closed by `image_newline` (the official `grid` newlines)."""
     u, s = _tokens_per_side(cfg), pooled_side(cfg)
-    i0, i1, l0, l1 = _linear_taps(u, s)
-    within = lambda r, c: (r[:, None] * u + c[None, :])  # [s, s] index inside a frame
-    src = np.stack([within(i0, i0), within(i0, i1), within(i1, i0), within(i1, i1)], axis=-1)
-    w = np.stack([np.outer(l0, l0), np.outer(l0, l1), np.outer(l1, l0), np.outer(l1, l1)],
-                 axis=-1).astype(np.float32)
-    src = np.where(w != 0, src, 0)
-    nl_src = np.zeros((s, 1, TAPS), np.int64)
-    nl_src[..., 0] = NEWLINE
-    nl_w = np.zeros((s, 1, TAPS), np.float32)
-    nl_w[..., 0] = 1.0
-    p = u * u
-    frames = np.arange(num_frames)[:, None, None, None] * p  # [F, 1, 1, 1] frame offsets
+    taps = _linear_taps(u, s)
+    src, w = _bilinear(lambda r, c: r[:, None] * u + c[None, :], taps, taps)  # inside a frame
+    frames = np.arange(num_frames)[:, None, None, None] * (u * u)  # tile f = frame f
     frame_src = np.where(w != 0, src[None] + frames, 0)  # [F, s, s, 4]
-    rows_src = np.concatenate([frame_src, np.broadcast_to(nl_src, (num_frames, s, 1, TAPS))], 2)
-    rows_w = np.concatenate([np.broadcast_to(w, (num_frames, s, s, TAPS)),
-                             np.broadcast_to(nl_w, (num_frames, s, 1, TAPS))], 2)
-    return VisualLayout(rows_src.reshape(-1, TAPS).astype(np.int32),
-                        np.ascontiguousarray(rows_w.reshape(-1, TAPS)))
+    return VisualLayout(*_with_newlines(frame_src, np.broadcast_to(w, frame_src.shape)))
 
 
 def collate_visual(samples, cfg, seq_len: int) -> dict[str, np.ndarray]:

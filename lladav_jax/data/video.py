@@ -61,6 +61,13 @@ def frame_indices(total: int, fps: float, video_fps: float, max_frames: int, *,
     return chosen
 
 
+def video_frames(info: VideoInfo, cfg, *, uniform: bool = False) -> list[int]:
+    """The frame indices a video uses under the model config (`cfg.video`): `frame_indices`
+    of its header."""
+    return frame_indices(info.frames, info.fps, cfg.video.fps, cfg.video.max_frames,
+                         uniform=uniform)
+
+
 def _open(ref: VideoRef, name: str | None):
     """(container, name): the video at `ref` opened with PyAV (import deferred: only video
     data needs it)."""

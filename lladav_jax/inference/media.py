@@ -19,7 +19,7 @@ from PIL import Image
 
 from lladav_jax.data.image import ProcessedImage, process_frames, process_images
 from lladav_jax.data.image_file import load_image
-from lladav_jax.data.video import frame_indices, probe, read_frames
+from lladav_jax.data.video import probe, read_frames, video_frames
 
 ImageInput = Image.Image | str | os.PathLike | bytes
 
@@ -58,7 +58,6 @@ def process_visual(visual: Visual, cfg) -> list[ProcessedImage]:
     if isinstance(visual, Video):
         name = None if isinstance(visual.source, bytes) else os.fspath(visual.source)
         info = probe(visual.source, name=name)
-        indices = frame_indices(info.frames, info.fps, cfg.video.fps, cfg.video.max_frames,
-                                uniform=visual.uniform)
+        indices = video_frames(info, cfg, uniform=visual.uniform)
         return [process_frames(read_frames(visual.source, indices, name=name), cfg)]
     return process_images([as_pil(x) for x in as_list(visual)], cfg)
