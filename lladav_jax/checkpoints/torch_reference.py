@@ -302,6 +302,9 @@ def generate(
     last confidence committed and the next). Another implementation agrees exactly when its
     numerical error stays well below it."""
     o = SamplerOptions(**options)
+    if o.allow_eos:
+        raise ValueError("allow_eos: the reference is the official sampler (EOS forbidden, "
+                         "answers end at <|eot_id|>)")
     if o.cache != "none" or o.threshold is not None:
         raise ValueError(f"cache {o.cache!r}, threshold {o.threshold}: the reference has no "
                          "cache and commits a fixed number of tokens per step")

@@ -5,6 +5,7 @@ dataset.
       --out DIR --num_shards N
   lladav-data build-tfds --data_path D.json --image_folder IMGS [--video_folder VIDS] --out DIR
       [--name NAME]
+  lladav-data digits --out DIR     # a small real VQA set (scikit-learn's digits; data/digits.py)
 
 (also `python -m lladav_jax.cli.data ...`). Both print the counts of samples, images, missing
 images and malformed samples; neither drops a sample (bad ones are marked for the featurizer).
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     tf = sub.add_parser("build-tfds", help="build a TFDS dataset (array_record, no TensorFlow)")
     _common(tf)
     tf.add_argument("--name", default=None, help="TFDS config name (default: the file's stem)")
+    digits = sub.add_parser("digits", help="write scikit-learn's handwritten digits as a VQA "
+                            "set: images/, train.json, test.json, test.jsonl (lladav-eval rows)")
+    digits.add_argument("--out", required=True, help="output directory")
     errors.add_debug_flag(p)
     return p
 
@@ -56,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     p = _parser()
     args = p.parse_args(argv)
+    if args.command == "digits":
+        from lladav_jax.data.digits import write_digits
+
+        counts = write_digits(args.out)
+        print(f"{counts['train']} training and {counts['test']} test samples in {args.out}")
+        return 0
     errors.require_positive(p, args, ("num_shards", "num_threads"))
     if args.command == "pack-arrayrecord":
         from lladav_jax.data.sources.array_record import pack

@@ -29,6 +29,8 @@ from lladav_jax.cli import errors
 from lladav_jax.diffusion.sampler import CACHES, REMASKING, SamplerOptions
 
 DEFAULTS = SamplerOptions.defaults()  # every sampler option, by name
+# Options whose default the loaded model decides (`api.sampler_defaults`): left out unless set.
+MODEL_DEFAULTS = ("allow_eos",)
 # `lladav_jax.models.config.WEIGHT_FORMATS`, spelt out: importing it would import JAX before the
 # flags are checked (a test keeps the two the same).
 QUANTIZE_FORMATS = ("none", "int8", "int4")
@@ -52,6 +54,9 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=CACHES, help=f"KV cache (default {d['cache']})")
     p.add_argument("--threshold", type=float,
                    help="parallel decoding: commit every token above this confidence")
+    p.add_argument("--allow_eos", action=argparse.BooleanOptionalAction,
+                   help="let EOS fill the answer window and end the answer (default: on for a "
+                   "model trained with data.answer_window > 0, else off, the official rule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", help="system prompt (default: the one the model was trained "
                    "with, read from a training workdir, else the official one)")
@@ -86,8 +91,9 @@ def load_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> d
 
 def sampler_options(args: argparse.Namespace, base: dict | None = None) -> dict:
     """Options for Model.generate: flags given, else `base` (a preset), else the sampler's
-    defaults (DEFAULTS)."""
-    out = {**DEFAULTS, **(base or {})}
+    defaults (DEFAULTS), but for MODEL_DEFAULTS, which the model decides when unset."""
+    out = {k: v for k, v in DEFAULTS.items() if k not in MODEL_DEFAULTS}
+    out.update(base or {})
     out.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
     return out
 

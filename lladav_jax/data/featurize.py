@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from lladav_jax.data.template import (
     ROLES,
     TEMPLATES,
     encode_conversation,
+    fit_answer,
     move_image_tag_first,
 )
 from lladav_jax.data.tokenizer import Tokenizer
@@ -127,12 +129,24 @@ def _image_refs(raw: Mapping) -> tuple[list, list[str]]:
     return list(refs), names
 
 
+def sample_window(sample_id: str, largest: int) -> int:
+    """A sample's answer window, 2..largest positions after the assistant header (the blank line
+    and at least one answer token), log-uniform (every scale as often: windows that cut the
+    answer, that just hold it, and that leave most of it to EOS) and fixed by a hash of the
+    sample's id: the same in every epoch, process and measure/featurize pass."""
+    u = zlib.crc32(sample_id.encode()) / 2**32
+    return max(2, min(largest, round(2 * (largest / 2) ** u)))
+
+
 class Featurizer:
     """RawSample -> Example | Skip for one model config, tokenizer and template.
 
     overlong: 'drop' skips a sample longer than `seq_len` (too_long); 'truncate' cuts it after
     the last assistant turn that fits (never inside an answer or an image), and skips it only if
     not even the first answer fits.
+    answer_window > 0: the last answer is fitted to the sample's window (`sample_window`: 2 to
+    answer_window, log-uniform): followed by EOS targets up to it, as far as `seq_len` allows,
+    or cut at it (`template.fit_answer`); 0: as it is (the official recipe).
     """
 
     def __init__(
@@ -145,6 +159,7 @@ class Featurizer:
         system: str = DEFAULT_SYSTEM_PROMPT,
         overlong: str = "drop",
         max_pixels: int | None = MAX_PIXELS,
+        answer_window: int = 0,
     ):
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
@@ -160,6 +175,10 @@ class Featurizer:
         self.cfg, self.tokenizer, self.template = cfg, tokenizer, template
         self.seq_len, self.system, self.overlong = int(seq_len), system, overlong
         self.max_pixels = max_pixels
+        if answer_window < 0:
+            raise ValueError(f"answer_window must be >= 0 (0: no EOS padding), "
+                             f"got {answer_window}")
+        self.answer_window = int(answer_window)
 
     def __call__(self, raw: RawSample) -> Example | Skip:
         """The whole featurization: `measure`, then `add_pixels`."""
@@ -321,6 +340,10 @@ class Featurizer:
             starts = tuple(s for s in starts if s < cut)
             kept = len(starts)
             sizes, counts, tiles, names = sizes[:kept], counts[:kept], tiles[:kept], names[:kept]
+        if self.answer_window:
+            tokens, targets, turn_ids = fit_answer(
+                tokens, targets, turn_ids, self.tokenizer.eos_id, self.tokenizer.end_header_id,
+                sample_window(sample_id, self.answer_window), self.seq_len)
         turns_used = int(turn_ids.max(initial=0)) + 1
         max_turns = getattr(self.cfg, "max_turns", None)
         if getattr(self.cfg, "attention_mask", "") == "conversation" and turns_used > max_turns:

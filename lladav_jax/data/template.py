@@ -242,6 +242,36 @@ def encode_prompt(
     return enc.tokens, enc.image_starts
 
 
+def answer_start(tokens: np.ndarray, targets: np.ndarray, end_header_id: int) -> int:
+    """Where the last answer's region begins: after the last `<|end_header_id|>` (llava_llada:
+    the blank line, the answer, its `<|eot_id|>`), else after the last non-target (plain)."""
+    headers = np.flatnonzero(tokens == end_header_id)
+    if headers.size:
+        return int(headers[-1]) + 1
+    gaps = np.flatnonzero(~targets)
+    return int(gaps[-1]) + 1 if gaps.size else 0
+
+
+def fit_answer(tokens: np.ndarray, targets: np.ndarray, turn_ids: np.ndarray, eos_id: int,
+               end_header_id: int, window: int, limit: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last answer as a decoding window of `window` positions sees it (docs/design.md §4.5):
+    its region (`answer_start` on) padded with EOS targets up to `window` (LLaDA's SFT), never
+    past `limit` tokens, or cut to `window` where the answer is longer (the window's edge falls
+    inside it, as it does when a short gen_length decodes a long answer). The EOS take the last
+    turn id. A sample that does not end in a target is returned as it is."""
+    n = len(tokens)
+    if not targets[-1]:
+        return tokens, targets, turn_ids
+    end = answer_start(tokens, targets, end_header_id) + window
+    if end < n:
+        return tokens[:end], targets[:end], turn_ids[:end]
+    count = max(0, min(end, limit) - n)
+    return (np.concatenate([tokens, np.full(count, eos_id, tokens.dtype)]),
+            np.concatenate([targets, np.ones(count, bool)]),
+            np.concatenate([turn_ids, np.full(count, turn_ids[-1], turn_ids.dtype)]))
+
+
 def move_image_tag_first(text: str) -> str:
     """The official `preprocess_multimodal` rule: a turn with exactly one `<image>` tag that is
     not at its start has the tag moved to the front, as `<image>\\n` + the rest stripped."""

@@ -6,7 +6,9 @@ block (argmax, with Gumbel noise when temperature > 0), scores it (its probabili
 `low_confidence`, a uniform draw for `random`) and commits the most confident ones: k per step,
 the block's masked count split evenly over its steps (remainder first), or, with a `threshold`,
 every position above it and at least one. LLaDA-V forbids EOS, BOS and the header tokens at
-masked positions, and a row is done once `<|eot_id|>` is committed with nothing masked before it.
+masked positions, and a row is done once `<|eot_id|>` is committed with nothing masked before it;
+`allow_eos` lets a model trained with EOS padding (docs/design.md §4.5) fill its window with
+EOS, which ends the answer like `<|eot_id|>`.
 
 All of it is one jitted program: blocks in a loop, steps in a while loop that ends when the
 block is decoded or every row is done. Prompts are left-padded (padding is segment 0, invisible)
@@ -49,6 +51,10 @@ class SamplerOptions:
     cfg_scale: float = 0.0
     cache: str = "none"
     threshold: float | None = None
+    # False: LLaDA-V's rule, EOS never predicted at a masked position. True: for a model
+    # trained with EOS after its answers (`data.answer_window`): EOS may fill the window, and
+    # a row's answer ends at its first EOS or <|eot_id|>.
+    allow_eos: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # e.g. temperature=1 stored as 1.0
@@ -88,6 +94,8 @@ class SamplerOptions:
             raise bad("remasking", f"choose one of {', '.join(REMASKING)}")
         if self.cache not in CACHES:
             raise bad("cache", f"choose one of {', '.join(CACHES)}")
+        if not isinstance(self.allow_eos, bool):
+            raise bad("allow_eos", "must be True or False")
 
     @property
     def num_blocks(self) -> int:
@@ -109,11 +117,17 @@ class SpecialIds:
     mask: int
     eot: int
     forbidden: tuple[int, ...]  # never predicted at a masked position
+    eos: int = -1  # ends an answer too; forbidden unless `allow_eos`
 
     @classmethod
     def from_tokenizer(cls, tok) -> SpecialIds:
         ids = tok.special_ids
-        return cls(ids["mask"], ids["eot"], tuple(ids[name] for name in FORBIDDEN))
+        return cls(ids["mask"], ids["eot"], tuple(ids[name] for name in FORBIDDEN), ids["eos"])
+
+    def forbidden_for(self, options: SamplerOptions) -> tuple[int, ...]:
+        if options.allow_eos:
+            return tuple(i for i in self.forbidden if i != self.eos)
+        return self.forbidden
 
 
 def num_transfer_tokens(masked_count: jax.Array, steps: int) -> jax.Array:
@@ -143,11 +157,27 @@ def select(confidence: jax.Array, k: jax.Array, threshold: float | None) -> jax.
 
 
 def rows_done(gen: jax.Array, ids: SpecialIds) -> jax.Array:
-    """[B]: an <|eot_id|> was committed and nothing before the first one is still masked."""
-    is_eot = gen == ids.eot
-    first = jnp.argmax(is_eot, axis=-1)
+    """[B]: an <|eot_id|> or EOS was committed and nothing before the first one is still
+    masked (EOS is only ever committed where `allow_eos` lets it)."""
+    is_end = (gen == ids.eot) | (gen == ids.eos)
+    first = jnp.argmax(is_end, axis=-1)
     before = jnp.arange(gen.shape[1])[None] < first[:, None]
-    return jnp.any(is_eot, axis=-1) & ~jnp.any(before & (gen == ids.mask), axis=-1)
+    return jnp.any(is_end, axis=-1) & ~jnp.any(before & (gen == ids.mask), axis=-1)
+
+
+def end_last(confidence: jax.Array, x0: jax.Array, masked: jax.Array,
+             ids: SpecialIds) -> jax.Array:
+    """Under `allow_eos`: a position whose prediction is an end token (EOS, <|eot_id|>) with a
+    masked position before it in the block ranks below every other (confidence - 1, scores
+    being in [0, 1]), so the answer's length is settled after its content, where it ends. The
+    first masked position is never held back, so every step commits as many as it would.
+
+    Why: by confidence alone the far EOS go first, then the EOS right after the answer, whose
+    confidence is the model's belief in a short answer; the words were then chosen to fit
+    (BENCHMARKS.md, "Answer length")."""
+    is_end = (x0 == ids.eot) | (x0 == ids.eos)
+    pending = jnp.cumsum(masked, axis=-1) - masked > 0
+    return jnp.where(is_end & pending, confidence - 1.0, confidence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +222,7 @@ def _step(model, s: _Setup, embeds, positions, segments, turns, state, b, quota,
     if o.cfg_scale > 0:  # rows are [conditional; unconditional]
         cond, uncond = jnp.split(logits, 2)
         logits = uncond + (o.cfg_scale + 1.0) * (cond - uncond)
-    logits = logits.at[..., jnp.array(ids.forbidden)].set(-jnp.inf)
+    logits = logits.at[..., jnp.array(ids.forbidden_for(o))].set(-jnp.inf)
     n = logits.shape[0]
     xb = jax.lax.dynamic_slice_in_dim(x[:n], start, bl, axis=1)
     masked = xb == ids.mask
@@ -204,6 +234,8 @@ def _step(model, s: _Setup, embeds, positions, segments, turns, state, b, quota,
     else:
         score = jax.random.uniform(rank_rng, x0.shape)
     confidence = jnp.where(masked, score, -jnp.inf)
+    if o.allow_eos:  # an end token waits until nothing before it is masked (end_last)
+        confidence = end_last(confidence, x0, masked, ids)
     commit = select(confidence, quota, o.threshold) & masked & ~done[:, None]
     xb = jnp.where(commit, x0, xb)
     at = jax.lax.dynamic_slice_in_dim(committed_at, b * bl, bl, axis=1)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -85,11 +85,15 @@ class Model:
     """
 
     def __init__(self, module: LLaDAV, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                 sampler_defaults: Mapping[str, Any] | None = None):
         self.module, self.config, self.tokenizer = module, config, tokenizer
         # The system prompt every call uses unless it names one: the one the model was
         # trained with when loaded from a training workdir (a model answers best under it).
         self.system_prompt = system_prompt
+        # Sampler options that follow from how the model was trained (`sampler_defaults`),
+        # used where a call does not set them.
+        self.sampler_defaults = dict(sampler_defaults or {})
         self.special_ids = SpecialIds.from_tokenizer(tokenizer)
         self._samplers: dict[tuple[SamplerOptions, bool], Callable] = {}
         self._listener: Callable | None = None
@@ -181,9 +185,10 @@ class Model:
             self._listener(int(block), np.asarray(tokens))
 
     def answer(self, tokens: np.ndarray) -> tuple[str, list[int]]:
-        """(text, ids) of one row of generated tokens: everything before the first <|eot_id|>."""
+        """(text, ids) of one row of generated tokens: everything before the first <|eot_id|>
+        or EOS."""
         tokens = np.asarray(tokens)
-        eot = np.flatnonzero(tokens == self.special_ids.eot)
+        eot = np.flatnonzero((tokens == self.special_ids.eot) | (tokens == self.special_ids.eos))
         ids = tokens[: eot[0]] if eot.size else tokens
         ids = [int(t) for t in ids if t != self.special_ids.mask]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids
@@ -211,7 +216,7 @@ class Model:
                             f"sampler's options are {list(SamplerOptions.defaults())}")
         if not items:
             return []
-        options = SamplerOptions(**options)  # ValueError naming a bad option, before any work
+        options = SamplerOptions(**{**self.sampler_defaults, **options})  # checked first
         system = self.system_prompt if system is None else system
         prompts = [self._encode(images, prompt, system) for images, prompt in items]
         for i, p in enumerate(prompts):
@@ -223,7 +228,7 @@ class Model:
             blocks = []
             for row in tokens:
                 text, _ = self.answer(row)
-                done = bool(np.any(row == self.special_ids.eot))
+                done = bool(np.any((row == self.special_ids.eot) | (row == self.special_ids.eos)))
                 blocks.append(BlockDone(block, options.num_blocks, text, row, done))
             on_block(blocks)
 
@@ -337,7 +342,16 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
     module, config = modeldir.load_model(path, mesh=mesh, rules=rules or sharding.DEFAULT_RULES,
                                          quantize=quant if quant.weights != "none" else None)
     tokenizer = Tokenizer.load(paths.tokenizer_dir)
-    return Model(module, config, tokenizer, trained_system_prompt(paths.tokenizer_dir))
+    run = modeldir.run_config(paths.tokenizer_dir)
+    return Model(module, config, tokenizer, trained_system_prompt(paths.tokenizer_dir),
+                 sampler_defaults(run.get("data", {})))
+
+
+def sampler_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampler options a training run's `data` settings imply: `allow_eos` for a model
+    trained with EOS after its answers (`data.answer_window` > 0), which fills its window with
+    EOS; none for the official recipe."""
+    return {"allow_eos": True} if int(data.get("answer_window", 0) or 0) > 0 else {}
 
 
 def trained_system_prompt(directory: str | os.PathLike) -> str:

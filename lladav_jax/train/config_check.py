@@ -78,6 +78,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.every": (_int_at_least(0)[0], "must be an integer >= 0 (0: no validation)"),
     "eval.samples": _int_at_least(1),
     "eval.max_answer_tokens": _int_at_least(0),
+    "data.answer_window": (_int_at_least(0)[0], "must be an integer >= 0 (0: no EOS padding)"),
+    "eval.report_windows": ((lambda v: all(_int_at_least(1)[0](w) for w in v)),
+                            "must be answer windows (integers >= 1), or () for none"),
 }
 
 

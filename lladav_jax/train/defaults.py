@@ -42,13 +42,18 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         mixture=[],  # for `mixture`: dicts of source, path, image_folder, split, weight
         size=4096,  # synthetic: samples in the train split
         synthetic_kind="qa",  # synthetic: qa | caption | size | motion | pick | mixed
-        eval_size=256,  # synthetic: held-out samples scored at the end
+        eval_size=256,  # held-out samples of the end-of-training report (synthetic or eval_path)
         eval_path="",  # the held-out set of `eval.every` (synthetic runs: the test split)
         eval_source="",  # its kind ("" = source's; llava_json for a mixture)
         eval_split="test",  # tfds split of eval_path
         template="llava_llada",  # or plain (stage 1)
         system_prompt=DEFAULT_SYSTEM_PROMPT,
         overlong="drop",  # or truncate (after a whole answer, never inside one)
+        # > 0: the last answer is fitted to the sample's window, 2 to this many positions after
+        # the assistant header (log-uniform, by sample id): followed by EOS targets up to it, or
+        # cut at it, so the model learns to end its own answers in any gen_length up to it
+        # (LLaDA's SFT; docs/design.md §4.5). 0: answers as they are, the official recipe.
+        answer_window=0,
         seq_len=256,
         batch_size=16,  # global, split over processes, then over grad_accum micro-batches
         num_epochs=1,
@@ -93,6 +98,11 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         t_grid=(0.1, 0.3, 0.5, 0.7, 0.9),  # masking rates of eval_loss
         max_answer_tokens=8,  # answers scored for eval_accuracy
         seed=0,
+        # The end-of-training report (train/heldout.py, on data.eval_size held-out samples) adds
+        # generation accuracy through the sampler at these answer windows (gen_length = steps =
+        # block_length), e.g. (4, 16, 128) as the demos do; () none (an 8b model would spend
+        # minutes a window).
+        report_windows=(),
     ))
     # Weights & Biases (optional, `pip install wandb`): metrics rows go to `project` too.
     # mode: online | offline (synced later with `wandb sync`) | disabled.
@@ -145,7 +155,6 @@ def demo() -> ml_collections.ConfigDict:
     c.data.size = 16384
     c.data.eval_size = 512
     c.data.num_epochs = 5
-    c.data.seq_len = 64
     c.data.batch_size = 32
     c.data.window = 512
     # No worker process: Grain's read thread featurizes up to two windows ahead of the step in
@@ -161,4 +170,9 @@ def demo() -> ml_collections.ConfigDict:
     c.train.log_every = 32
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
+    c.eval.report_windows = (4, 16, 128)
+    # No answer fitting here (data.answer_window, docs/design.md §4.5): with it, rows of up to
+    # 182 tokens, this demo had not left chance after its 2,560 steps (BENCHMARKS.md, "Answer
+    # length"); configs/demo_digits.py has it.
+    c.data.seq_len = 64
     return c

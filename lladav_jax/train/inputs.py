@@ -58,10 +58,14 @@ def make_source(data: ml_collections.ConfigDict) -> Any:
                    names=[p.get("name") or p.get("path") or p["source"] for p in parts])
 
 
-def make_featurizer(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Featurizer:
+def make_featurizer(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                    fit_answers: bool = True) -> Featurizer:
+    """The run's featurizer; `fit_answers=False` leaves answers whole, unpadded (held-out
+    scoring: an answer cut to its training window would be scored on a part of it)."""
     d = config.data
     return Featurizer(config.model, tokenizer, template=d.template, seq_len=d.seq_len,
-                      system=d.system_prompt, overlong=d.overlong)
+                      system=d.system_prompt, overlong=d.overlong,
+                      answer_window=d.get("answer_window", 0) if fit_answers else 0)
 
 
 def make_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer,

@@ -279,10 +279,9 @@ def _finish(config: ml_collections.ConfigDict, workdir: epath.Path,
     if rows:
         metrics.plot_loss(rows, workdir / "loss.png", title=f"{config.model.name} training")
         summary["final_loss"] = rows[-1]["loss"]
-    if config.data.source == "synthetic" and jax.process_count() == 1:
-        result = heldout.masked_answer_accuracy(model, config, tokenizer)
+    if (config.data.source == "synthetic" or config.data.eval_path) and \
+            jax.process_count() == 1 and config.data.eval_size > 0:
+        result = heldout.report(model, config, tokenizer)
         summary.update(result)
-        print(f"held-out masked-answer accuracy {result['accuracy']:.3f} on "
-              f"{result['count']} samples (chance {result['chance']:.3f})")
         paths.write_whole(workdir / "eval.json", json.dumps(result, indent=2))
     return summary

@@ -63,13 +63,16 @@ def eval_source(config: ml_collections.ConfigDict) -> Any:
 
 def answer_span(example: Example, tokenizer: Tokenizer) -> tuple[int, int] | None:
     """[start, end) of the answer: the last assistant turn's text, between its header (and the
-    blank line after it) and its <|eot_id|>; the last run of targets where there are no turns.
+    blank line after it) and its <|eot_id|> (and any EOS padding); the last run of targets
+    where there are no turns.
     None if empty."""
     targets, tokens = example.targets, example.tokens
     ends = np.flatnonzero(targets)
     if not ends.size:
         return None
     end = int(ends[-1]) + 1
+    while end > 0 and tokens[end - 1] == tokenizer.eos_id:  # EOS padding (data.answer_window)
+        end -= 1
     if tokens[end - 1] == tokenizer.eot_id:
         end -= 1
     headers = np.flatnonzero(tokens[:end] == tokenizer.end_header_id)
@@ -135,7 +138,7 @@ def make_validation(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mes
     if e.every < 0 or e.samples <= 0 or not e.t_grid or not all(0 < t <= 1 for t in e.t_grid):
         raise ValueError(f"eval: every {e.every} must be >= 0, samples {e.samples} > 0, "
                          f"t_grid {tuple(e.t_grid)} values in (0, 1]")
-    source, featurize = eval_source(config), make_featurizer(config, tokenizer)
+    source, featurize = eval_source(config), make_featurizer(config, tokenizer, fit_answers=False)
     examples, spans, skipped = [], [], collections.Counter()
     for i in range(min(len(source), e.samples)):
         ex = featurize(source[i])

@@ -70,17 +70,17 @@ def make_prompt(rows, cfg, pad_id, length: int | None = None):
     return dict(tokens=tokens, valid=valid, **visual), (tokens, valid, images)
 
 
-def eot_biased(hf, tok, bias: float):
-    """A copy whose <|eot_id|> head row gains `bias` * h / |h|^2, h the hidden state of an
-    all-mask sequence (the same at every position): a still-masked answer position gets about
-    `bias` more on <|eot_id|>."""
+def eot_biased(hf, tok, bias: float, token: int | None = None):
+    """A copy whose <|eot_id|> (or `token`) head row gains `bias` * h / |h|^2, h the hidden
+    state of an all-mask sequence (the same at every position): a still-masked answer position
+    gets about `bias` more on that token."""
     hf = copy.deepcopy(hf)
     with torch.no_grad():
         emb = hf.get_input_embeddings()(torch.full((1, 8), tok.mask_id))
         h = hf.model.language_model(
             inputs_embeds=emb, attention_mask=ref.bidirectional_mask(np.ones((1, 8), np.int32))
         ).last_hidden_state[0, 0]
-        hf.lm_head.weight[tok.eot_id] += bias * h / (h @ h)
+        hf.lm_head.weight[tok.eot_id if token is None else token] += bias * h / (h @ h)
     return hf
 
 
@@ -99,7 +99,8 @@ def world():
     with torch.no_grad():
         sharp.lm_head.weight *= SHARPEN
     hf = {"base": base, "eot": eot_biased(base, tok, EOT_BIAS),
-          "eot_strong": eot_biased(base, tok, STRONG_EOT_BIAS), "sharp": sharp}
+          "eot_strong": eot_biased(base, tok, STRONG_EOT_BIAS), "sharp": sharp,
+          "eos": eot_biased(base, tok, STRONG_EOT_BIAS, token=tok.eos_id)}
     ours = {}
     for name, model in hf.items():
         ours[name] = lladav.abstract(cfg)  # shapes only: load_hf fills every parameter
@@ -264,6 +265,53 @@ def test_rows_done():
     ])
     np.testing.assert_array_equal(np.asarray(sampler.rows_done(gen, ids)),
                                   [False, False, True, True, True, False])
+
+
+def test_rows_done_at_eos():
+    """EOS ends a row like <|eot_id|> (it is only ever committed under allow_eos)."""
+    ids = SpecialIds(mask=9, eot=7, forbidden=(1, 2, 8), eos=8)
+    gen = jnp.array([[3, 8, 9, 9], [9, 8, 8, 8], [3, 4, 8, 7]])
+    np.testing.assert_array_equal(np.asarray(sampler.rows_done(gen, ids)), [True, False, True])
+    assert ids.forbidden_for(SamplerOptions()) == (1, 2, 8)
+    assert ids.forbidden_for(SamplerOptions(allow_eos=True)) == (1, 2)
+
+
+def test_end_last():
+    """Under allow_eos an end token ranks below everything else until nothing before it is
+    masked; the first masked position is never held back."""
+    ids = SpecialIds(mask=9, eot=7, forbidden=(1, 2, 8), eos=8)
+    conf = jnp.array([[0.5, 0.9, 0.99, 0.6], [-jnp.inf, 0.8, 0.3, 0.95]])
+    x0 = jnp.array([[3, 4, 8, 7], [5, 7, 4, 8]])
+    masked = jnp.array([[True, True, True, True], [False, True, True, True]])
+    got = np.asarray(sampler.end_last(conf, x0, masked, ids))
+    np.testing.assert_allclose(got, [[0.5, 0.9, -0.01, -0.4], [-np.inf, 0.8, 0.3, -0.05]],
+                               atol=1e-6)
+    # One commit a step: the row is spelt left to right where the ends would have gone first.
+    picked = np.asarray(sampler.select(jnp.asarray(got), jnp.ones(2, jnp.int32), None))
+    np.testing.assert_array_equal(picked, [[0, 1, 0, 0], [0, 1, 0, 0]])
+
+
+def test_allow_eos(world):
+    """A model that favours EOS at masked positions: the official rule never commits it;
+    allow_eos lets it fill the window, and a row stops once nothing before its first EOS is
+    masked. The reference (the official sampler) refuses the option."""
+    ids, vocab, eos = world["ids"], world["cfg"].text.vocab_size, world["tok"].eos_id
+    options = dict(gen_length=20, block_length=10, steps=10)
+    official = run(world, "eos", **options)
+    check_valid(official, ids, vocab)
+    assert not (official["tokens"] == eos).any()
+    out = run(world, "eos", allow_eos=True, **options)
+    tokens = out["tokens"]
+    assert (tokens == eos).any(axis=1).all()  # every row ended at an EOS
+    assert stopped(tokens, ids).all()
+    for row in tokens:
+        first = int(np.argmax((row == eos) | (row == ids.eot)))
+        assert not (row[:first] == ids.mask).any()
+        assert not np.isin(row, [i for i in ids.forbidden if i != eos]).any()
+    with pytest.raises(ValueError, match="allow_eos"):
+        torch_reference.generate(world["hf"]["base"], *world["hf_prompt"][:2],
+                                 mask_id=ids.mask, eot_id=ids.eot, forbidden=ids.forbidden,
+                                 allow_eos=True, **options)
 
 
 def test_cached_pass_equals_full_pass(world):

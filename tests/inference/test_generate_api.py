@@ -109,6 +109,31 @@ def test_system_prompt_is_the_trained_one(dirs, model, tmp_path):
     assert len(a) != len(b)
 
 
+def test_sampler_defaults_follow_the_training(dirs, model, tmp_path, monkeypatch):
+    """A model trained with EOS padding (data.answer_window > 0) decodes with allow_eos unless
+    a call says otherwise; the official recipe, or no train_config.json, keeps EOS forbidden.
+    lladav-generate passes --allow_eos only when given."""
+    assert model.sampler_defaults == {} and api.sampler_defaults({"answer_window": 0}) == {}
+    work = tmp_path / "work"
+    shutil.copytree(dirs["work"], work)
+    (work / modeldir.TRAIN_CONFIG_FILE).write_text(json.dumps({"data": {"answer_window": 24}}))
+    trained = api.load(work)
+    assert trained.sampler_defaults == {"allow_eos": True}
+    seen = []
+    real = api.Model._sampler
+    monkeypatch.setattr(api.Model, "_sampler",
+                        lambda self, o, s: seen.append(o.allow_eos) or real(self, o, s))
+    trained.generate(None, "Hi?", **FAST)
+    trained.generate(None, "Hi?", allow_eos=False, **FAST)
+    model.generate(None, "Hi?", **FAST)
+    assert seen == [True, False, False]
+    parse = generate._parser().parse_args
+    base = ["--ckpt", "x", "--prompt", "p"]
+    assert "allow_eos" not in generate.sampler_options(parse(base))
+    assert generate.sampler_options(parse([*base, "--no-allow_eos"]))["allow_eos"] is False
+    assert generate.sampler_options(parse([*base, "--allow_eos"]))["allow_eos"] is True
+
+
 def test_load_on_a_mesh_places_by_the_runs_rules(dirs, tmp_path):
     """With a mesh, the parameters are placed by the training run's mesh.rules (its
     train_config.json), or by the rules given."""
@@ -123,9 +148,12 @@ def test_load_on_a_mesh_places_by_the_runs_rules(dirs, tmp_path):
 
 
 def test_sampler_defaults_are_the_sampler_options(model):
-    """One definition: the CLI's defaults and Model.generate's options are SamplerOptions'."""
+    """One definition: the CLI's defaults and Model.generate's options are SamplerOptions',
+    but for those the loaded model decides (MODEL_DEFAULTS)."""
     args = generate._parser().parse_args(["--ckpt", "d", "--prompt", "p"])
-    assert generate.sampler_options(args) == dataclasses.asdict(SamplerOptions())
+    assert generate.MODEL_DEFAULTS == ("allow_eos",)
+    assert generate.sampler_options(args) == {
+        k: v for k, v in dataclasses.asdict(SamplerOptions()).items() if k != "allow_eos"}
     assert SamplerOptions(**generate.sampler_options(args)) == SamplerOptions()
     with pytest.raises(TypeError, match=r"\['gen_len'\]; the sampler's options are \['gen_len"):
         model.generate(None, "Hi?", gen_len=8)

@@ -19,7 +19,8 @@ from lladav_jax.train.step import MODEL_KEYS, TrainState, make_train_step, split
 
 @pytest.fixture(scope="module")
 def setup():
-    c = demo()  # the tiny model, one tile, 64-token rows
+    c = demo()  # the tiny model, one tile
+    c.data.seq_len, c.data.length_buckets, c.data.answer_window = 64, (64,), 0  # 64-token rows
     c.data.size, c.data.batch_size, c.data.window = 16, 4, 8
     tok = load_tokenizer("")
     batch = next(iter(make_batches(c, tok)[0]))
