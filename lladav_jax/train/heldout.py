@@ -20,13 +20,13 @@ from flax import nnx
 
 from lladav_jax.data import pipeline
 from lladav_jax.data.example import Skip
-from lladav_jax.data.synthetic import SyntheticSource, chance_accuracy
+from lladav_jax.data.synthetic import chance_accuracy
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.diffusion.sampler import SamplerOptions
 from lladav_jax.inference import api
 from lladav_jax.inference.scoring import exact_match
-from lladav_jax.train.inputs import make_featurizer, one_source
-from lladav_jax.train.validation import answer_span
+from lladav_jax.train.inputs import make_featurizer
+from lladav_jax.train.validation import answer_span, eval_source
 
 # Answer windows the report decodes with: short ones, and the sampler's default.
 WINDOWS = (4, 16, SamplerOptions.gen_length)
@@ -35,16 +35,8 @@ WINDOWS = (4, 16, SamplerOptions.gen_length)
 def heldout_samples(config: ml_collections.ConfigDict) -> list[dict]:
     """Up to `data.eval_size` raw held-out samples: `data.eval_path` (read as the training
     source's kind, or `data.eval_source`), else the synthetic test split."""
-    d = config.data
-    if d.eval_path:
-        kind = d.eval_source or ("llava_json" if d.source == "mixture" else d.source)
-        spec = {"path": d.eval_path, "image_folder": d.image_folder,
-                "video_folder": d.get("video_folder", ""), "split": d.eval_split}
-        source = one_source(kind, spec, d.seed)
-    else:
-        source = SyntheticSource(d.eval_size, split="test", seed=d.seed,
-                                 kind=d.get("synthetic_kind", "qa"))
-    return [source[i] for i in range(min(len(source), d.eval_size))]
+    source = eval_source(config, config.data.eval_size)
+    return [source[i] for i in range(min(len(source), config.data.eval_size))]
 
 
 def _qtype(raw: dict) -> str:

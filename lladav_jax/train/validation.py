@@ -45,17 +45,19 @@ from lladav_jax.train.step import MODEL_KEYS
 PASS_KEYS = ("noisy", "masked", "p_mask")  # one scoring pass: `_score`'s last arguments
 
 
-def eval_source(config: ml_collections.ConfigDict) -> Any:
-    """The held-out source: `data.eval_path`, or the synthetic test split."""
+def eval_source(config: ml_collections.ConfigDict, size: int | None = None) -> Any:
+    """The held-out source: `data.eval_path`, or the synthetic test split of `size` samples
+    (default `eval.samples`; the end-of-training report asks for `data.eval_size`)."""
     d = config.data
+    size = config.eval.samples if size is None else size
     if d.eval_path:
         kind = d.eval_source or ("llava_json" if d.source == "mixture" else d.source)
         spec = {"path": d.eval_path, "image_folder": d.image_folder,
                 "video_folder": d.get("video_folder", ""), "split": d.eval_split,
-                "size": config.eval.samples}
+                "size": size}
         return one_source(kind, spec, d.seed)
     if d.source == "synthetic":
-        return SyntheticSource(config.eval.samples, split="test", seed=d.seed,
+        return SyntheticSource(size, split="test", seed=d.seed,
                                kind=d.get("synthetic_kind", "qa"))
     raise ValueError(f"eval.every={config.eval.every} needs a held-out set: "
                      f"--config.data.eval_path=... (data.source is {d.source!r})")
