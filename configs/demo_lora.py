@@ -22,6 +22,7 @@ def get_config():
     c.data.synthetic_kind = "size"
     c.data.size = 4096
     c.data.num_epochs = 1
+    c.data.batch_size = 32  # 128 steps
     c.lora.rank = 2
     c.lora.alpha = 4.0
     c.lora.vision_targets = "q,k,v,o,fc1,fc2"  # size is in the pixels: the tower adapts too

@@ -22,7 +22,7 @@ import ml_collections
 
 from lladav_jax.models.attention import ATTENTION_MASKS, DEFAULT_MAX_TURNS, IMPLEMENTATIONS
 from lladav_jax.models.dense import Adapt
-from lladav_jax.models.layers import REMAT_POLICIES, Numerics
+from lladav_jax.models.layers import INITS, REMAT_POLICIES, Numerics
 
 CONNECTORS = ("mlp2x_gelu",)
 TEXT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # LLaDA's linear layers in a block
@@ -192,6 +192,7 @@ class ModelConfig:
     lora: LoraConfig = LoraConfig()  # adapters (off by default)
     quantize: QuantConfig = QuantConfig()  # quantized frozen weights (off by default)
     video: VideoConfig = VideoConfig()  # frame choice and pooling of video samples
+    init: str = "official"  # official | fan_in: the linear layers' random init (layers.INITS)
 
     def __post_init__(self):
         for field in ("param_dtype", "dtype"):
@@ -205,6 +206,8 @@ class ModelConfig:
         if self.attention_impl not in IMPLEMENTATIONS:
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}; choose one of "
                              f"{IMPLEMENTATIONS}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of {list(INITS)}")
         if self.attention_mask not in ATTENTION_MASKS:
             raise ValueError(f"unknown attention_mask {self.attention_mask!r}; choose one of "
                              f"{ATTENTION_MASKS}")
@@ -214,8 +217,9 @@ class ModelConfig:
 
     @property
     def numerics(self) -> Numerics:
-        """The two dtypes every layer takes."""
-        return Numerics(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+        """The dtypes and the init every layer takes."""
+        return Numerics(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+                        init=self.init)
 
     @classmethod
     def from_config(cls, cfg: ModelConfigLike) -> ModelConfig:

@@ -25,11 +25,19 @@ _FLOAT32 = jnp.dtype(jnp.float32)
 
 @dataclasses.dataclass(frozen=True)
 class Numerics:
-    """The dtypes a layer needs: `dtype` computes (activations, matmuls), `param_dtype` stores.
-    `ModelConfig.numerics` builds it from the config's names."""
+    """What every layer needs: `dtype` computes (activations, matmuls), `param_dtype` stores,
+    `init` draws the linear layers' kernels (`INITS`). `ModelConfig.numerics` builds it."""
 
     dtype: jnp.dtype = _FLOAT32
     param_dtype: jnp.dtype = _FLOAT32
+    init: str = "official"
+
+
+# Kernel initialisations of the linear layers: `official`, N(0, 0.02) everywhere (the released
+# configs' initializer_range); `fan_in`, N(0, 1 / d_in), for small models trained from scratch:
+# at width 64, 0.02 leaves every attention near uniform and every branch near zero, and the demo
+# sat at chance for ~1,500 steps (docs/design.md §4.5).
+INITS = ("official", "fan_in")
 
 
 def linear(
@@ -44,7 +52,9 @@ def linear(
     adapt: Adapt = NONE,
 ) -> Dense:
     """A dense layer with logical axes on its kernel [in, out] (and bias [out]); `adapt`
-    gives it a LoRA adapter and/or quantized weights (`dense`)."""
+    gives it a LoRA adapter and/or quantized weights (`dense`). `std`: the `official` init's."""
+    if numerics.init == "fan_in":
+        std = d_in ** -0.5
     return Dense(d_in, d_out, names, numerics.dtype, numerics.param_dtype, rngs,
                  use_bias=use_bias, std=std, adapt=adapt)
 

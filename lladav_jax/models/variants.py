@@ -127,5 +127,6 @@ def model_config(name: str = "tiny") -> ml_collections.ConfigDict:
             # bidirectional | conversation (LLaDA-V's dialogue-causal mask over turn ids)
             attention_mask="bidirectional",
             max_turns=32,  # the most turns of a sample under the conversation mask
+            init="official",  # official (N(0, 0.02)) | fan_in (N(0, 1/d_in)): layers.INITS
         )
     )

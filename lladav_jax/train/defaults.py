@@ -152,10 +152,13 @@ def demo() -> ml_collections.ConfigDict:
     c.model.image.max_tiles = 1
     c.model.image.max_visual_tokens = 16
     c.data.system_prompt = "Answer in one word."
+    # 0.02-std kernels leave a 64-wide model's attention uniform for ~1,500 steps (the demo sat
+    # at chance); N(0, 1/d_in) leaves it within ~600 (docs/design.md §4.5).
+    c.model.init = "fan_in"
     c.data.size = 16384
     c.data.eval_size = 512
-    c.data.num_epochs = 5
-    c.data.batch_size = 32
+    c.data.num_epochs = 3
+    c.data.batch_size = 16  # 3,072 steps
     c.data.window = 512
     # No worker process: Grain's read thread featurizes up to two windows ahead of the step in
     # this process. On 2 cores a worker cost more than it gave (start-up, shared-memory copies;
@@ -171,8 +174,9 @@ def demo() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.eval.report_windows = (4, 16, 128)
-    # No answer fitting here (data.answer_window, docs/design.md §4.5): with it, rows of up to
-    # 182 tokens, this demo had not left chance after its 2,560 steps (BENCHMARKS.md, "Answer
-    # length"); configs/demo_digits.py has it.
-    c.data.seq_len = 64
+    # Answers fitted to windows of up to 130 positions (docs/design.md §4.5), so the model ends
+    # its own answers at any gen_length up to 128. Prompts are up to 60 tokens.
+    c.data.answer_window = 130
+    c.data.seq_len = 192
+    c.data.length_buckets = (64, 96, 128, 192)
     return c
