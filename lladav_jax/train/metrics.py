@@ -136,6 +136,7 @@ def plot_loss(rows: list[dict], out: str | os.PathLike, title: str = "") -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     steps = np.array([r["step"] for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -148,6 +149,10 @@ def plot_loss(rows: list[dict], out: str | os.PathLike, title: str = "") -> None
     finite = losses[np.isfinite(losses)]
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
         ax.set_yscale("log")  # the late, slow part of the curve stays visible
+        # Plain tick labels: the default ones are mathtext, whose parser is not thread-safe,
+        # and a notebook may draw the live curve in another thread meanwhile.
+        ax.yaxis.set_major_formatter(ticker.LogFormatter())
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("masked-diffusion loss")
     ax.set_title(title)

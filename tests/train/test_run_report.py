@@ -215,3 +215,22 @@ def test_wandb_offline_gets_the_rows(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"wandb\.mode"):
         WandbLog(ml_collections.ConfigDict(dict(project="p", entity="", name="", mode="x")),
                  str(tmp_path), ml_collections.ConfigDict())
+
+
+def test_the_loss_plot_parses_no_mathtext(tmp_path, monkeypatch):
+    """loss.png's log-scale tick labels are plain text: mathtext's parser is shared and not
+    thread-safe, and the notebook redraws its live curve in a thread while the trainer draws."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib._mathtext as mathtext
+
+    from lladav_jax.train import metrics
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mathtext parsed")
+
+    monkeypatch.setattr(mathtext.Parser, "parse", refuse)
+    rows = [{"step": s, "loss": 5.0 / s, "learning_rate": 1e-3} for s in range(1, 300)]
+    metrics.plot_loss(rows, tmp_path / "loss.png", title="t")  # 5.0 .. 0.017: log scale
+    assert (tmp_path / "loss.png").stat().st_size > 1000
