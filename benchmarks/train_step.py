@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--variant small] [--rows 1] [--seq_len 2048]
         [--repeats 3] [--warmup 1] [--torch_attn sdpa [eager]] [--no-tiny] [--components]
+        [--legs xla:0 chunked:0 chunked:2048]
     # 1b: one framework per process (torch keeps freed memory in the process: two copies of a
     # 1B model with AdamW do not fit 24 GB), then compare the two reports
     python benchmarks/train_step.py --variant 1b --seq_len 1024 --repeats 2 --sequential \
@@ -29,6 +30,10 @@ in float32, from the same initial hf_params.
   per-part learning rates. Attention: `--torch_attn sdpa` (transformers' default) and/or `eager`
   (as torch_reference's). For `tiny` the logits of both models are compared first (same weights,
   same batch).
+
+`--legs`: our step in several forms, each `attention_impl:train.head_chunk` (default the
+model's xla attention and the head at every position); a ratio "X / Y" is X's time over Y's,
+so torch's time over ours is our speed-up.
 
 All steps are timed interleaved (ours, torch, ours, torch, ...) so that other jobs on a shared
 machine slow each alike; a figure is the median of `--repeats` steps after `--warmup` untimed
@@ -63,6 +68,7 @@ import transformers
 from flax import nnx
 from PIL import Image
 from torch_step import TorchStep, torch_peak_flops  # benchmarks/torch_step.py
+from train_components import components, timed  # benchmarks/train_components.py
 
 from lladav_jax.checkpoints import torch_reference as ref
 from lladav_jax.data.image import process_image
@@ -129,7 +135,7 @@ def make_batch(cfg, rows: int, seq_len: int, image_px: int, prompt: int = 40, se
 class JaxStep:
     """`make_train_step` jitted with the state donated, as the trainer runs it (accum 1)."""
 
-    def __init__(self, model, batch: dict, mask_id: int):
+    def __init__(self, model, batch: dict, mask_id: int, head_chunk: int = 0):
         tx, _ = optim.make_optimizer(optim_config(), total_steps=1000)
         graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter(LRS), ...)
         self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -137,7 +143,8 @@ class JaxStep:
         self.state = TrainState(jnp.int32(0), trainable, jax.jit(tx.init)(trainable),
                                 jax.random.key(0))
         self.batch = jax.device_put(split_accum(batch, 1))
-        jitted = jax.jit(make_train_step(graphdef, tx, mask_id), donate_argnums=0)
+        jitted = jax.jit(make_train_step(graphdef, tx, mask_id, head_chunk=head_chunk),
+                         donate_argnums=0)
         start = time.perf_counter()
         self.fn = jitted.lower(self.state, self.frozen, self.batch).compile()
         self.compile_s = time.perf_counter() - start
@@ -182,15 +189,6 @@ def jax_cpu_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def timed(step) -> dict:
-    """One step: wall seconds, process CPU seconds (all threads) and the 1-minute load."""
-    gc.collect()
-    wall, cpu = time.perf_counter(), time.process_time()
-    step()
-    return dict(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu,
-                load=os.getloadavg()[0])
-
-
 def check_same_model(ours, theirs: TorchStep, batch: dict) -> float:
     """Max |logits difference| / max |logits| of one forward pass (no masking), both models."""
     logits = np.asarray(nnx.jit(lambda m, b: m(**b))(
@@ -202,8 +200,26 @@ def check_same_model(ours, theirs: TorchStep, batch: dict) -> float:
     return float(np.abs(logits - want).max() / np.abs(want).max())
 
 
+def leg_specs(legs: list[str], cfg) -> dict[str, tuple[str, int]]:
+    """Our legs by name, from `IMPL:HEAD_CHUNK` specs ("ours" alone for the default one)."""
+    specs = [(s.split(":")[0], int(s.split(":")[1])) for s in legs]
+    if specs == [(cfg.attention_impl, 0)]:
+        return {"ours": specs[0]}
+    return {f"ours-{impl}-h{chunk}": (impl, chunk) for impl, chunk in specs}
+
+
+def leg_model(model, cfg, impl: str):
+    """A copy of `model` (its own buffers: each leg donates its state) running `impl`."""
+    other = copy.deepcopy(cfg)
+    other.attention_impl = impl
+    out = lladav.abstract(other)
+    nnx.update(out, jax.tree.map(jnp.array, nnx.state(model)))
+    return out
+
+
 def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, warmup: int,
-          attns: list[str], check: bool, sequential: bool = False, ours: bool = True) -> dict:
+          attns: list[str], check: bool, sequential: bool = False, ours: bool = True,
+          legs: tuple[str, ...] = ("xla:0",)) -> dict:
     cfg, batch, info = make_batch(variants.model_config(variant), rows, seq_len, image_px)
     tiles = rows * info["tiles_per_row"]
     step_flops = flops.flops_per_step(cfg, (rows, seq_len), tiles)
@@ -224,13 +240,16 @@ def bench(variant: str, rows: int, seq_len: int, image_px: int, repeats: int, wa
             if check:
                 print(f"{name}: logits differ from ours by "
                       f"{check_same_model(model, step, batch):.1e} (relative)", flush=True)
-    ours = JaxStep(model, batch, info["mask_id"])
+    mine = {name: JaxStep(leg_model(model, cfg, impl), batch, info["mask_id"], chunk)
+            for name, (impl, chunk) in leg_specs(legs, cfg).items()}
     del model
-    print(f"ours: {ours.num_params / 1e6:.2f}M params, compiled in {ours.compile_s:.1f} s",
-          flush=True)
+    for name, step in mine.items():
+        print(f"{name}: {step.num_params / 1e6:.2f}M params, compiled in {step.compile_s:.1f} s",
+              flush=True)
+    ours = next(iter(mine.values()))
     for name, step in theirs.items():
         assert step.num_params == ours.num_params, (name, step.num_params, ours.num_params)
-    steps = {"ours": ours, **theirs}
+    steps = {**mine, **theirs}
     runs = {name: [] for name in steps}
     # Interleaved, so that other jobs on a shared machine slow all alike.
     for i in range(warmup + repeats):
@@ -300,74 +319,12 @@ def report(res: dict, peak: float, cpu_peak: float) -> None:
               f"MFU {res['flops'] / m / peak:.1%}; {cpu:.2f} CPU-s/step, "
               f"MFU per CPU-second {res['flops'] / cpu / cpu_peak:.1%}; load {load:.1f}")
     cpu = {name: statistics.median(r["cpu"] for r in runs) for name, runs in res["runs"].items()}
-    for name in med:
-        if name != "ours" and "ours" in med:
-            print(f"  ours / {name}: {med['ours'] / med[name]:.2f} (median wall time), "
-                  f"{cpu['ours'] / cpu[name]:.2f} (median CPU-seconds)")
-
-
-def components(cfg, rows: int, seq_len: int, repeats: int = 3) -> None:
-    """Where the difference comes from: one text layer's attention, forward + backward, and
-    the head + cross-entropy, ours (jitted) against torch's, best of `repeats`."""
-    from lladav_jax.models.attention import attention
-
-    t = cfg.text
-    b, n, h, d, dim, vocab = rows, seq_len, t.num_heads, t.head_dim, t.hidden_size, t.vocab_size
-
-    def best(run) -> tuple[float, float]:
-        run()
-        ts = [timed(run) for _ in range(repeats)]
-        return min(x["wall"] for x in ts), min(x["cpu"] for x in ts)
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((b, n, h, d), np.float32)
-    seg = jnp.ones((b, n), jnp.int32)
-    grad = jax.jit(jax.grad(
-        lambda q, k, v: jnp.sum(attention(q, k, v, q_segment_ids=seg) ** 2), argnums=(0, 1, 2)))
-    xj = jnp.asarray(x)
-    xt = torch.from_numpy(x.transpose(0, 2, 1, 3).copy()).requires_grad_()
-    mask = ref.bidirectional_mask(np.ones((b, n), np.int32))
-
-    def sdpa():
-        out = torch.nn.functional.scaled_dot_product_attention(xt, xt, xt, attn_mask=mask)
-        (out**2).sum().backward()
-
-    def eager():  # transformers' eager_attention_forward
-        p = torch.softmax(xt @ xt.transpose(-1, -2) * d**-0.5 + mask, -1, dtype=torch.float32)
-        ((p @ xt) ** 2).sum().backward()
-
-    attn_flops = 3 * 4 * b * h * n * n * d
-    rows_out = {
-        "attention fwd+bwd, ours (xla)": best(lambda: jax.block_until_ready(grad(xj, xj, xj))),
-        "attention fwd+bwd, torch sdpa": best(sdpa),
-        "attention fwd+bwd, torch eager": best(eager),
-    }
-    hidden = rng.standard_normal((b, n, dim), np.float32)
-    w = 0.02 * rng.standard_normal((dim, vocab), np.float32)
-    tok = rng.integers(0, vocab, (b, n))
-
-    def ce(hh, ww):
-        logp = jax.nn.log_softmax(hh @ ww, -1)
-        return -jnp.sum(jnp.take_along_axis(logp, jnp.asarray(tok)[..., None], -1))
-
-    head = jax.jit(jax.grad(ce, argnums=(0, 1)))
-    ht, wt = torch.from_numpy(hidden).requires_grad_(), torch.from_numpy(w).requires_grad_()
-    tt = torch.from_numpy(tok)
-
-    def head_torch():
-        logp = torch.log_softmax(ht @ wt, -1)
-        (-logp.gather(-1, tt[..., None]).sum()).backward()
-
-    head_flops = 6 * b * n * dim * vocab
-    hj, wj = jnp.asarray(hidden), jnp.asarray(w)
-    rows_out["head + CE fwd+bwd, ours"] = best(lambda: jax.block_until_ready(head(hj, wj)))
-    rows_out["head + CE fwd+bwd, torch"] = best(head_torch)
-    print(f"\ncomponents ({b} x {n} tokens, {h} heads of {d}; attention runs {t.num_layers} "
-          f"times a step), best of {repeats}:")
-    for name, (wall, cpu) in rows_out.items():
-        f = attn_flops if name.startswith("attention") else head_flops
-        print(f"  {name:32s} {wall * 1e3:8.1f} ms wall {cpu * 1e3:8.1f} ms CPU "
-              f"({f / cpu / 1e9:5.1f} GFLOP per CPU-second)", flush=True)
+    mine = [name for name in med if name.startswith("ours")]
+    for a in mine:
+        for b in med:
+            if b != a and not (b in mine and mine.index(b) < mine.index(a)):
+                print(f"  {b} / {a}: {med[b] / med[a]:.2f} (median wall time), "
+                      f"{cpu[b] / cpu[a]:.2f} (median CPU-seconds)")
 
 
 def main() -> None:
@@ -386,6 +343,9 @@ def main() -> None:
                         help="with --sequential: also time ours (--no-ours: torch only)")
     parser.add_argument("--sequential", action="store_true",
                         help="time one framework at a time (models too big for two copies)")
+    parser.add_argument("--legs", nargs="+", default=["xla:0"],
+                        help="our steps as IMPL:HEAD_CHUNK (attention_impl, train.head_chunk), "
+                             "each timed interleaved with the others, e.g. xla:0 chunked:2048")
     parser.add_argument("--components", action="store_true",
                         help="instead of the steps, time attention and head + CE alone")
     args = parser.parse_args()
@@ -410,7 +370,7 @@ def main() -> None:
     results.append(bench(args.variant, args.rows, args.seq_len,
                          args.image_px or cfg.vision.image_size, args.repeats, args.warmup,
                          args.torch_attn, check=False, sequential=args.sequential,
-                         ours=args.ours))
+                         ours=args.ours, legs=tuple(args.legs)))
     peaks.append(peak_flops())
     cpu_peaks.append(peak_flops_per_cpu_second())
     peak, cpu_peak = max(peaks), max(c["jax"] for c in cpu_peaks)

@@ -3,7 +3,7 @@
 Drawn with the same shapes, colours and `render` as the single images; pure functions of
 (seed, split, index, kind), every answer equally often (it cycles with the index):
 
-    motion  an MP4 of one shape crossing the frame in a straight line
+    motion  an MP4 of one shape moving from the centre towards an edge
             "Which way does the red circle move?"  -> left | right | up | down
     pick    2-4 images of one shape each, every image a different colour-shape pair
             "Which image shows the red circle?"    -> first | second | third | fourth
@@ -12,9 +12,12 @@ A motion video is 64-96 px a side (even sides, for the codec's yuv420p), 6-14 s 
 second: about a frame a second (`video.fps` 1) chooses 6-14 of its 12-28 frames, so under
 `video.max_frames` 8 the videos over 8 s take the evenly spread (linspace) branch and the
 others every second frame. The shape is whole in every frame and moves from about the centre
-to near the edge the answer names (a fifth of the frame or more); the other coordinate is
-anywhere. Where the shape spends its frames shows the way it goes, so a model can answer
-without reading the frames' order.
+to near the edge the answer names (a fifth of the frame or more), keeping to about the middle
+of the other axis. Where the shape spends its frames shows the way it goes, so a model can
+answer without reading the frames' order: its last frames sit on the two quadrants of the
+edge the answer names (right: top-right and bottom-right), which the video layout's 2x2
+pooled tokens tell apart. Anywhere on the other axis, they would not: a shape ending in the
+top-right quadrant may have gone right along the top or up along the right.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def motion_scenes(rng: np.random.Generator, answer: str) -> list[Scene]:
     end = along - r - rng.uniform(0, 0.05) * along
     if answer in ("left", "up"):
         start, end = along - start, along - end
-    side = rng.uniform(r, across - r)
+    side = across / 2 + rng.uniform(-0.08, 0.08) * across  # about the middle: see above
     scenes = []
     for k in range(frames):
         a = start + (end - start) * k / (frames - 1)

@@ -13,6 +13,8 @@ devices divide by the same global count.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -87,7 +89,59 @@ def loss_terms(
     """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-    l_ans = segment_values(segment_counts(targets, segment_ids), segment_ids)
+    weight, samples = loss_weights(masked, p_mask, targets, segment_ids)
+    return jnp.sum(ce * weight), samples
+
+
+def loss_weights(masked: jax.Array, p_mask: jax.Array, targets: jax.Array,
+                 segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(each position's weight [B, L]: 1 / (p_mask L_ans) where masked, else 0; the number of
+    samples with targets)."""
+    per_segment = segment_counts(targets, segment_ids)
+    l_ans = segment_values(per_segment, segment_ids)
     weight = jnp.where(masked, 1.0 / (p_mask * jnp.maximum(l_ans, 1)), 0.0)
-    per_segment = segment_counts(targets, segment_ids).at[:, 0].set(0)  # id 0 is padding
-    return jnp.sum(ce * weight), jnp.sum(per_segment > 0).astype(jnp.float32)
+    samples = jnp.sum(per_segment.at[:, 0].set(0) > 0)  # id 0 is padding
+    return weight, samples.astype(jnp.float32)
+
+
+def head_loss_terms(
+    hidden: jax.Array,
+    head: Callable[[jax.Array], jax.Array],
+    tokens: jax.Array,
+    masked: jax.Array,
+    p_mask: jax.Array,
+    targets: jax.Array,
+    segment_ids: jax.Array,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`loss_terms(head(hidden), ...)` with the head run only where the loss is: each row's
+    masked positions, gathered `chunk` at a time per row (chunks past every row's last masked
+    position are skipped). Each chunk's [B, chunk, vocab] logits are recomputed in the backward
+    pass, never stored: logit memory is O(B * chunk * vocab) instead of O(B * L * vocab), and
+    the head's work follows the largest masked count of a row instead of L. Rows stay where
+    they are (a batch-sharded mesh gathers nothing across devices).
+
+    hidden [B, L, D] (final-norm states); head maps [B, N, D] -> [B, N, vocab]."""
+    weight, samples = loss_weights(masked, p_mask, targets, segment_ids)
+    b, n = masked.shape
+    slots = -(-n // chunk) * chunk
+    # Each row's masked positions first (in order), then filler (position 0, not counted).
+    where = jax.vmap(lambda m: jnp.nonzero(m, size=slots, fill_value=0)[0])(masked)
+    live = jnp.arange(slots)[None] < jnp.sum(masked, axis=1, keepdims=True)
+    by_chunk = lambda x: x.reshape(b, -1, chunk).swapaxes(0, 1)  # [chunks, B, chunk]
+
+    @jax.checkpoint
+    def chunk_sum(at: jax.Array, real: jax.Array) -> jax.Array:
+        pick = lambda x: jnp.take_along_axis(x, at, axis=1)
+        logits = head(jnp.take_along_axis(hidden, at[..., None], axis=1)).astype(jnp.float32)
+        own = jnp.take_along_axis(logits, pick(tokens)[..., None], axis=-1)[..., 0]
+        ce = jax.nn.logsumexp(logits, axis=-1) - own
+        return jnp.sum(jnp.where(real, ce * pick(weight), 0.0))
+
+    def step(total: jax.Array, xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        at, real = xs
+        part = jax.lax.cond(jnp.any(real), chunk_sum, lambda *_: jnp.float32(0), at, real)
+        return total + part, None
+
+    total, _ = jax.lax.scan(step, jnp.float32(0), (by_chunk(where), by_chunk(live)))
+    return total, samples

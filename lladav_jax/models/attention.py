@@ -13,7 +13,9 @@ Implementations (`attention_impl` in the model config):
 - "xla": `jax.nn.dot_product_attention`, any backend.
 - "cudnn": the same function with cuDNN flash attention (NVIDIA GPU, bfloat16/float16).
 - "splash": the Pallas Splash attention kernel (TPU).
-- "auto": splash on TPU, cudnn on GPU where it applies, xla otherwise, silently.
+- "chunked": blockwise attention in plain JAX with its own backward (`chunked_attention.py`):
+  no [heads, Lq, Lk] scores held, any backend.
+- "auto": splash on TPU, cudnn on GPU where it applies, chunked otherwise, silently.
 An explicit "cudnn" or "splash" the hardware cannot run falls back to xla with a warning, logged
 once per (implementation, reason).
 """
@@ -30,9 +32,10 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
+from lladav_jax.models.chunked_attention import chunked_attention
 from lladav_jax.scale import sharding
 
-IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "chunked", "auto")
 ATTENTION_MASKS = ("bidirectional", "conversation")
 DEFAULT_MAX_TURNS = 32  # `ModelConfig.max_turns`: splash runs one pass per possible turn
 
@@ -122,12 +125,12 @@ def resolve_impl(
     if impl == "auto":
         if backend == "tpu":
             return "splash"
-        return "cudnn" if cudnn() is None else "xla"
+        return "cudnn" if cudnn() is None else "chunked"
     if impl == "splash":
         reason = splash_unsupported(backend)
     elif impl == "cudnn":
         reason = cudnn()
-    else:
+    else:  # xla, chunked: any backend
         return impl
     if reason is None:
         return impl
@@ -182,6 +185,9 @@ def attention(
             return splash_attention(q, k, v, q_segment_ids, kv_segment_ids,
                                     (q_turn_ids, kv_turn_ids), max_turns)
         return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_turn_ids,
+                                 kv_turn_ids)
     mask = None
     if turns:
         mask = conversation_mask(q_segment_ids, kv_segment_ids, q_turn_ids, kv_turn_ids)

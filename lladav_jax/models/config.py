@@ -185,7 +185,7 @@ class ModelConfig:
     param_dtype: str  # storage dtype of the parameters (float32 | bfloat16)
     dtype: str  # compute dtype of activations and matmuls; norms and softmax stay float32
     remat_policy: str  # none | full | dots | dots_no_batch | save_attn_out (layers.remat)
-    attention_impl: str  # xla | cudnn | splash | auto (models.attention)
+    attention_impl: str  # xla | cudnn | splash | chunked | auto (models.attention)
     # bidirectional | conversation: LLaDA-V's dialogue-causal mask over turn ids (models.attention)
     attention_mask: str = "bidirectional"
     max_turns: int = DEFAULT_MAX_TURNS  # the most turns of a sample under the conversation mask

@@ -91,7 +91,12 @@ class LLaDAV(nnx.Module):
         rows = jnp.arange(b)[:, None]
         return x.at[rows, visual_pos].set(visual.astype(x.dtype), mode="drop")
 
-    def __call__(
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        """Logits [B, L, vocab]: `llm.logits` of `hidden` (same arguments); takes a batch dict
+        as keyword arguments (`model(**batch)`)."""
+        return self.llm.logits(self.hidden(*args, **kwargs))
+
+    def hidden(
         self,
         tokens: jax.Array,
         positions: jax.Array | None = None,
@@ -103,14 +108,14 @@ class LLaDAV(nnx.Module):
         dropout_rng: jax.Array | None = None,
         turn_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, L, vocab]; takes a batch dict as keyword arguments (`model(**batch)`).
-        `dropout_rng`: the key of LoRA dropout (training); None: none. `turn_ids` [B, L]: the
-        dialogue turns, read only under `attention_mask="conversation"`."""
+        """Final-norm states [B, L, D], what `__call__` runs the head on (a loss can run it only
+        where it counts: `objective.head_loss_terms`). `dropout_rng`: the key of LoRA dropout
+        (training); None: none. `turn_ids` [B, L]: the dialogue turns, read only under
+        `attention_mask="conversation"`."""
         vision_rng, text_rng = (None, None) if dropout_rng is None else jax.random.split(
             dropout_rng)
         x = self.embed_inputs(tokens, pixels, visual_pos, visual_src, visual_w, vision_rng)
-        return self.llm.logits(self.llm.hidden_states(x, positions, segment_ids, text_rng,
-                                                      turn_ids=turn_ids))
+        return self.llm.hidden_states(x, positions, segment_ids, text_rng, turn_ids=turn_ids)
 
 
 def create(

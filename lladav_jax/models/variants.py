@@ -123,7 +123,7 @@ def model_config(name: str = "tiny") -> ml_collections.ConfigDict:
             param_dtype="float32",
             dtype="float32",  # compute dtype; training configs set bfloat16
             remat_policy="none",  # none | full | dots | dots_no_batch | save_attn_out
-            attention_impl="xla",  # xla | cudnn (GPU) | splash (TPU) | auto; see attention.py
+            attention_impl="xla",  # xla | cudnn (GPU) | splash (TPU) | chunked | auto: attention.py
             # bidirectional | conversation (LLaDA-V's dialogue-causal mask over turn ids)
             attention_mask="bidirectional",
             max_turns=32,  # the most turns of a sample under the conversation mask

@@ -97,6 +97,7 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh, mask_id: int
         abstract_train_state,
         jit_train_step,
         model_layout,
+        step_options,
     )
 
     # The schedule's length only changes constants of the program, not its shapes.
@@ -105,8 +106,8 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh, mask_id: int
     state = abstract_train_state(tx, layout, mesh)
     batch = abstract_batch(config, mesh)
     step = jit_train_step(layout.step_graphdef, tx, mask_id,
-                                  jax.tree.map(lambda x: x.sharding, state),
-                                  config.train.get("complementary_masking", False))
+                          jax.tree.map(lambda x: x.sharding, state),
+                          **step_options(config.train))
     # Under the mesh and rules, as the loop runs it: activation constraints take effect.
     with sharding.sharding_context(mesh, layout.rules):
         lowered = step.lower(state, layout.frozen, batch)

@@ -57,6 +57,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.preemption_check_every": (_int_at_least(0)[0], "must be an integer >= 0 (0: at "
                                      "logging steps only)"),
     "train.peak_tflops_per_device": _real(lambda v: v >= 0, ">= 0 (0: known chips by name)"),
+    "train.head_chunk": (_int_at_least(0)[0], "must be an integer >= 0 (0: the head at every "
+                         "position)"),
     "train.on_bad_checkpoint": ((lambda v: v in ("fallback", "fail")),
                                 "must be fallback or fail"),
     "data.batch_size": _int_at_least(1),

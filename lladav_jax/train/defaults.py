@@ -90,6 +90,9 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         preemption_check_every=0,
         on_bad_checkpoint="fallback",  # or fail: a latest checkpoint that does not restore
         complementary_masking=False,  # LaViDa (design §4.4); rows run twice: ~2x memory, FLOPs
+        # The head (and its logits) only at masked positions, this many at a time; 0: at every
+        # position, [B, L, vocab] logits (objective.head_loss_terms).
+        head_chunk=0,
     ))
     # Validation every `every` steps (0: none) on the held-out set (train/validation.py).
     c.eval = ml_collections.ConfigDict(dict(

@@ -49,6 +49,7 @@ from lladav_jax.train.state import (
     local_rows,
     model_layout,
     replicated,
+    step_options,
 )
 from lladav_jax.train.step import TrainState
 from lladav_jax.train.validation import make_validation
@@ -118,7 +119,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, mesh: Me
     graphdef, state, frozen = _train_state(mesh, layout, tx, params, opt_state, book)
     step_fn = jit_train_step(graphdef, tx, tokenizer.mask_id,
                              jax.tree.map(lambda x: x.sharding, state),
-                             config.train.get("complementary_masking", False))
+                             **step_options(config.train))
 
     primary = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir_path, book.step, enabled=primary)

@@ -129,13 +129,22 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh,
             for k, v in one.items()}
 
 
+def step_options(train: ml_collections.ConfigDict) -> dict:
+    """The `train` settings that shape the step (`make_train_step`'s keywords):
+    complementary_masking (every row runs twice) and head_chunk (the head only where the loss
+    is, that many positions at a time; 0: everywhere)."""
+    return dict(complementary=bool(train.get("complementary_masking", False)),
+                head_chunk=int(train.get("head_chunk", 0)))
+
+
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mask_id: int,
-                   state_shardings: TrainState, complementary: bool = False) -> Callable:
+                   state_shardings: TrainState, complementary: bool = False,
+                   head_chunk: int = 0) -> Callable:
     """The step as the loop runs it: the state donated and leaving with the shardings it came
-    in with (one compilation, the same executable before and after a resume).
-    complementary: train.complementary_masking (every row runs twice)."""
-    return jax.jit(make_train_step(graphdef, tx, mask_id, complementary), donate_argnums=0,
-                   out_shardings=(state_shardings, None))
+    in with (one compilation, the same executable before and after a resume). Keywords:
+    `step_options`."""
+    return jax.jit(make_train_step(graphdef, tx, mask_id, complementary, head_chunk),
+                   donate_argnums=0, out_shardings=(state_shardings, None))
 
 
 def replicated(mesh: Mesh, value: np.ndarray) -> jax.Array:

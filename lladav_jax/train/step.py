@@ -33,47 +33,43 @@ class TrainState:
 
 
 def micro_loss(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, batch: dict,
-               rng: jax.Array, mask_id: int,
-               complementary: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(loss sum, sample count, masked-token count) of one micro-batch."""
+               rng: jax.Array, mask_id: int, complementary: bool = False,
+               head_chunk: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(loss sum, sample count, masked-token count) of one micro-batch. complementary:
+    LaViDa's complementary masks (docs/design.md §4.4): every row runs twice, 2B rows, its two
+    copies adjacent (under a batch-sharded mesh both stay on the row's device: no transfer);
+    sums and sample counts add both copies. head_chunk > 0: the head runs only at the masked
+    positions, that many at a time (`objective.head_loss_terms`); 0: at every position."""
     model = nnx.merge(graphdef, trainable, frozen)
     if complementary:
-        return complementary_loss(model, batch, rng, mask_id)
-    noisy, masked, p_mask = objective.forward_mask(
-        rng, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id
-    )
-    inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
+        noisy, masked, p_mask = objective.complementary_masks(
+            rng, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id
+        )
+        pairs = lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])  # [2, B, ..] -> [2B, ..]
+        noisy, masked, p_mask = pairs(noisy), pairs(masked), pairs(p_mask)
+        keys = [k for k in (*MODEL_KEYS, "targets") if k in batch]
+        batch = {k: jnp.repeat(batch[k], 2, axis=0) for k in keys}  # [2B, ..], the same order
+    else:
+        noisy, masked, p_mask = objective.forward_mask(
+            rng, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id
+        )
+    inputs = {**{k: batch[k] for k in MODEL_KEYS if k in batch}, "tokens": noisy}
     # LoRA dropout's key (unused, and compiled away, without adapters or at rate 0).
-    logits = model(**{**inputs, "tokens": noisy}, dropout_rng=jax.random.fold_in(rng, 1))
-    total, count = objective.loss_terms(
-        logits, batch["tokens"], masked, p_mask, batch["targets"], batch["segment_ids"]
-    )
-    return total, (count, jnp.sum(masked))
-
-
-def complementary_loss(model: nnx.Module, batch: dict, rng: jax.Array,
-                       mask_id: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """`micro_loss` with LaViDa's complementary masks (docs/design.md §4.4): every row runs
-    twice, 2B rows, its two copies adjacent (under a batch-sharded mesh both stay on the
-    row's device: no transfer); sums and sample counts add both copies."""
-    noisy, masked, p_mask = objective.complementary_masks(
-        rng, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id
-    )
-    pairs = lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])  # [2, B, ..] -> [2B, ..]
-    twice = lambda x: jnp.repeat(x, 2, axis=0)  # [B, ..] -> [2B, ..], the same order
-    inputs = {k: twice(batch[k]) for k in MODEL_KEYS if k in batch}
-    logits = model(**{**inputs, "tokens": pairs(noisy)}, dropout_rng=jax.random.fold_in(rng, 1))
-    total, count = objective.loss_terms(
-        logits, twice(batch["tokens"]), pairs(masked), pairs(p_mask), twice(batch["targets"]),
-        twice(batch["segment_ids"])
-    )
+    dropout_rng = jax.random.fold_in(rng, 1)
+    terms = (batch["tokens"], masked, p_mask, batch["targets"], batch["segment_ids"])
+    if head_chunk:
+        hidden = model.hidden(**inputs, dropout_rng=dropout_rng)
+        total, count = objective.head_loss_terms(hidden, model.llm.lm_head, *terms, head_chunk)
+    else:
+        total, count = objective.loss_terms(model(**inputs, dropout_rng=dropout_rng), *terms)
     return total, (count, jnp.sum(masked))
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    mask_id: int, complementary: bool = False) -> Callable:
+                    mask_id: int, complementary: bool = False, head_chunk: int = 0) -> Callable:
     """step(state, frozen, batch) -> (state, metrics); batch arrays are [accum, micro, ...].
-    complementary: LaViDa's complementary masking (train.complementary_masking)."""
+    complementary: LaViDa's complementary masking (train.complementary_masking); head_chunk:
+    train.head_chunk (`micro_loss`)."""
 
     def step(state: TrainState, frozen: nnx.State, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
@@ -82,7 +78,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         def accumulate(carry, xs):
             micro, k = xs
             (total, (count, n_masked)), grads = grad_fn(
-                graphdef, state.trainable, frozen, micro, k, mask_id, complementary
+                graphdef, state.trainable, frozen, micro, k, mask_id, complementary, head_chunk
             )
             acc_grads, acc_total, acc_count, acc_masked = carry
             acc_grads = jax.tree.map(jnp.add, acc_grads, grads)

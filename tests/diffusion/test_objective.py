@@ -163,3 +163,37 @@ def test_complementary_rate_is_clipped_at_eps(monkeypatch):
                                                  MASK)
     np.testing.assert_array_equal(masked[1], targets)
     np.testing.assert_allclose(p[1], objective.EPS)
+
+
+def test_head_where_the_loss_is_equals_the_full_head():
+    """`head_loss_terms` (the head at masked positions only, in chunks that do not divide the
+    count) against `loss_terms` over every position: the loss and its gradients with respect to
+    the states and the head, in float32, with packed segments and padding."""
+    rng = np.random.default_rng(0)
+    b, n, d, vocab = 3, 40, 16, 50
+    hidden = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(d, vocab)) / 4, jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, vocab, (b, n)))
+    seg = np.ones((b, n), np.int32)
+    seg[0, 25:], seg[1, 30:] = 2, 0
+    targets = jnp.asarray((rng.random((b, n)) < 0.5) & (seg > 0))
+    seg = jnp.asarray(seg)
+    _, masked, p = objective.forward_mask(jax.random.key(1), tokens, targets, seg, MASK)
+    n_masked = int(masked.sum())
+    assert 0 < n_masked < b * n
+
+    def full(h, w):
+        return objective.loss_terms(h @ w, tokens, masked, p, targets, seg)
+
+    want, want_grads = jax.value_and_grad(lambda h, w: full(h, w)[0], (0, 1))(hidden, head)
+    for chunk in (7, 16, 2 * n):  # several chunks per row; one chunk wider than a row
+        def gathered(h, w, chunk=chunk):
+            return objective.head_loss_terms(h, lambda x: x @ w, tokens, masked, p, targets,
+                                             seg, chunk)
+
+        got, grads = jax.jit(jax.value_and_grad(lambda h, w: gathered(h, w)[0], (0, 1)))(
+            hidden, head)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        assert float(gathered(hidden, head)[1]) == float(full(hidden, head)[1])
+        for g, r in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6, rtol=0)

@@ -178,8 +178,9 @@ def test_auto_picks_by_backend_silently(warnings):
     call = dict(head_dim=64, q_len=64, kv_len=64, masked=True)
     assert attn.resolve_impl("auto", dtype=jnp.float32, backend="tpu", **call) == "splash"
     assert attn.resolve_impl("auto", dtype=jnp.bfloat16, backend="gpu", **call) == "cudnn"
-    assert attn.resolve_impl("auto", dtype=jnp.float32, backend="gpu", **call) == "xla"
-    assert attn.resolve_impl("auto", dtype=jnp.bfloat16, backend="cpu", **call) == "xla"
+    assert attn.resolve_impl("auto", dtype=jnp.float32, backend="gpu", **call) == "chunked"
+    assert attn.resolve_impl("auto", dtype=jnp.bfloat16, backend="cpu", **call) == "chunked"
+    assert attn.resolve_impl("chunked", dtype=jnp.float32, backend="tpu", **call) == "chunked"
     with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
         attn.resolve_impl("flash", dtype=jnp.float32, **call)
     assert warnings() == []
@@ -192,10 +193,9 @@ def tiny_cfg(impl: str):
     return cfg
 
 
-@pytest.mark.slow
-def test_tiny_model_same_logits_with_splash(interpret, warnings):
-    """head_dim 16 (text) and 16 (vision): below a TPU lane, fine for the kernel's interpret
-    mode; L=40 and 16 patches are padded to one 128 block."""
+def tiny_logits(*impls: str) -> tuple:
+    """The tiny LLaDA's logits under each implementation (same weights) on two rows of packed
+    samples, and the rows' segment ids."""
     tokens = np.random.default_rng(3).integers(0, 512, (2, 40))
     seg = packed_segments(2, 40, seed=3)
     positions = np.zeros_like(seg)
@@ -203,9 +203,15 @@ def test_tiny_model_same_logits_with_splash(interpret, warnings):
         for s in (1, 2, 3):
             positions[i, seg[i] == s] = np.arange((seg[i] == s).sum())
     forward = nnx.jit(lambda m, t, p, s: m(t, positions=p, segment_ids=s))
-    xla, splash = (LLaDA(tiny_cfg(impl), rngs=nnx.Rngs(0)) for impl in ("xla", "splash"))
-    want = np.asarray(forward(xla, tokens, positions, seg))
-    got = np.asarray(forward(splash, tokens, positions, seg))
+    return (*(np.asarray(forward(LLaDA(tiny_cfg(impl), rngs=nnx.Rngs(0)), tokens, positions, seg))
+              for impl in impls), seg)
+
+
+@pytest.mark.slow
+def test_tiny_model_same_logits_with_splash(interpret, warnings):
+    """head_dim 16 (text) and 16 (vision): below a TPU lane, fine for the kernel's interpret
+    mode; L=40 and 16 patches are padded to one 128 block."""
+    want, got, seg = tiny_logits("xla", "splash")
     real = seg > 0
     np.testing.assert_allclose(
         got[real], want[real], atol=1e-5 * max(1, np.abs(want).max()), rtol=0

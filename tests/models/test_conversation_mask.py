@@ -1,6 +1,7 @@
 """The dialogue-causal attention mask (`attention_mask="conversation"`): the mask of a real
-template sample spelled out, xla / splash (interpret) / cudnn's mask agreeing, the default left
-unchanged, and the model and sampler reading turn ids only under the conversation mask."""
+template sample spelled out, xla / splash (interpret) / chunked / cudnn's mask agreeing, the
+default left unchanged, and the model and sampler reading turn ids only under the conversation
+mask."""
 
 import functools
 import itertools
@@ -94,7 +95,7 @@ def test_mask_of_a_three_turn_sample_with_system_prompt_and_padding():
     assert set(prompt.turn_ids[headers[3]:].tolist()) == {1}
 
 
-# --- (b) xla, splash and cudnn agree ------------------------------------------------------------
+# --- (b) xla, splash, chunked and cudnn agree ---------------------------------------------------
 
 
 def numpy_conversation(q, k, v, q_seg, kv_seg, q_turn, kv_turn) -> np.ndarray:
@@ -114,21 +115,21 @@ def numpy_conversation(q, k, v, q_seg, kv_seg, q_turn, kv_turn) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("length", "hkv"), [(200, 2), (256, 4)])
-def test_xla_and_splash_match_numpy(interpret, length, hkv):
+def test_xla_splash_and_chunked_match_numpy(interpret, length, hkv):
     q, k, v = qkv(2, length, length, 4, hkv, 64, seed=length)
     seg = packed_segments(2, length, seed=hkv)
     turns = packed_turns(seg, seed=hkv)
     assert turns.max() == 2 and (turns[seg == 0] == 0).all()
     want = numpy_conversation(q, k, v, seg, seg, turns, turns)
     real = seg > 0
-    for impl in ("xla", "splash"):
+    for impl in ("xla", "splash", "chunked"):
         got = run(impl, q, k, v, seg, turns)
         np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=0, err_msg=impl)
         assert np.isfinite(got).all()
     # A chunk of queries against the whole sequence (the sampler's cached path).
     part = slice(64, 96)
     want = numpy_conversation(q[:, part], k, v, seg[:, part], seg, turns[:, part], turns)
-    for impl in ("xla", "splash"):
+    for impl in ("xla", "splash", "chunked"):
         got = run(impl, q[:, part], k, v, seg[:, part], turns[:, part], seg, turns)
         np.testing.assert_allclose(got[real[:, part]], want[real[:, part]], atol=1e-5, rtol=0)
 
@@ -213,7 +214,7 @@ def test_default_is_bidirectional_and_unchanged(interpret):
     np.testing.assert_array_equal(attn.attention(q, k, v, q_segment_ids=seg), today)
     # One turn everywhere is the bidirectional mask, exactly, by both implementations.
     zeros = np.zeros_like(seg)
-    for impl in ("xla", "splash"):
+    for impl in ("xla", "splash", "chunked"):
         np.testing.assert_array_equal(run(impl, q, k, v, seg, zeros), run(impl, q, k, v, seg,
                                                                            None))
     with pytest.raises(ValueError, match="unknown attention_mask 'causal'"):

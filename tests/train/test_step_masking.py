@@ -1,6 +1,7 @@
 """The train step's masking modes on the tiny model, in process: the ordinary step and
 complementary masking (docs/design.md §4.4, train.complementary_masking) against a plain
-recomputation of their loss from the same keys."""
+recomputation of their loss from the same keys; the head run only where the loss is
+(train.head_chunk) against the head everywhere."""
 
 import jax
 import jax.numpy as jnp
@@ -66,3 +67,20 @@ def test_step_loss_is_the_objective_of_its_masks(setup, complementary):
     if complementary:  # every answer token is masked in exactly one copy
         assert int(m["masked_tokens"]) == int(jnp.sum(batch["targets"]))
     assert int(new.step) == 1
+
+
+@pytest.mark.parametrize("complementary", [False, True])
+def test_head_only_where_the_loss_is_gives_the_same_step(setup, complementary):
+    """train.head_chunk: the loss, the gradient norm and the updated parameters of one step
+    equal the full head's (float32)."""
+    _, graphdef, tx, state, frozen, batch, mask_id = setup
+    micro = split_accum(batch, 1)
+    full, m_full = jax.jit(make_train_step(graphdef, tx, mask_id, complementary))(
+        state, frozen, micro)
+    part, m_part = jax.jit(make_train_step(graphdef, tx, mask_id, complementary, head_chunk=4))(
+        state, frozen, micro)
+    assert int(m_part["masked_tokens"]) > 4 * len(batch["tokens"])  # several chunks a row
+    np.testing.assert_allclose(float(m_part["loss"]), float(m_full["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m_part["grad_norm"]), float(m_full["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(part.trainable), jax.tree.leaves(full.trainable), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
