@@ -27,12 +27,10 @@ def timed(step) -> dict:
                 load=os.getloadavg()[0])
 
 
-
 def components(cfg, rows: int, seq_len: int, repeats: int = 3) -> None:
     """Where the difference comes from: one text layer's attention, forward + backward, and
     the head + cross-entropy, ours (jitted; attention xla and chunked) against torch's, best of
     `repeats`."""
-
     t = cfg.text
     b, n, h, d, dim, vocab = rows, seq_len, t.num_heads, t.head_dim, t.hidden_size, t.vocab_size
 

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
 from lladav_jax.models.chunked_attention import chunked_attention
+from lladav_jax.models.masks import conversation_mask, segment_mask
 from lladav_jax.scale import sharding
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "chunked", "auto")
@@ -47,22 +48,6 @@ SPLASH_INTERPRET = False
 _warned: set[tuple[str, str]] = set()
 
 _LANES = 128  # splash needs q and kv blocks that are multiples of this
-
-
-def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
-    """[B, 1, Lq, Lk] boolean: same segment and the key is not padding."""
-    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return (same & (kv_segment_ids[:, None, :] != 0))[:, None]
-
-
-def conversation_mask(
-    q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_turn_ids: jax.Array,
-    kv_turn_ids: jax.Array,
-) -> jax.Array:
-    """[B, 1, Lq, Lk] boolean: `segment_mask` and the key's turn is not after the query's
-    (earlier turns visible, bidirectional within a turn). Turn ids [B, L] ints, 0 first."""
-    earlier = kv_turn_ids[:, None, :] <= q_turn_ids[:, :, None]
-    return segment_mask(q_segment_ids, kv_segment_ids) & earlier[:, None]
 
 
 def splash_unsupported(backend: str) -> str | None:

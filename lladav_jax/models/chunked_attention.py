@@ -7,7 +7,7 @@ exists at once; it keeps only the output and each query's log-sum-exp. Its own b
 (`jax.custom_vjp`) recomputes each tile's probabilities from those instead of storing them.
 Memory per layer and row is O(L * D + block_q * block_k * H) instead of XLA's O(H * L^2).
 
-Masking is `attention.segment_mask` (and `conversation_mask` with turn ids) built tile by tile:
+Masking is `masks.segment_mask` (and `conversation_mask` with turn ids) built tile by tile:
 padding keys (segment 0) are never seen; a query that sees no key (a padding query) returns
 zeros. Logits, softmax and accumulators are float32 whatever the input dtype.
 
@@ -22,6 +22,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from lladav_jax.models.masks import conversation_mask
 
 BLOCK_Q = 512
 BLOCK_K = 512
@@ -63,9 +65,9 @@ def chunked_attention(
 
 
 def _tile_mask(qs: jax.Array, qt: jax.Array, ks: jax.Array, kt: jax.Array) -> jax.Array:
-    """[B, 1, 1, bq, bk]: same segment, key not padding, key's turn not after the query's."""
-    seen = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
-    return (seen & (kt[:, None, :] <= qt[:, :, None]))[:, None, None]
+    """[B, 1, 1, bq, bk]: `conversation_mask` of a tile (turns all 0 without a conversation
+    mask: then it is `segment_mask`)."""
+    return conversation_mask(qs, ks, qt, kt)[:, :, None]
 
 
 def _logits(qb: jax.Array, kb: jax.Array, mask: jax.Array) -> jax.Array:
@@ -96,8 +98,8 @@ def _forward_block(qb, qs, qt, kb, vb, ks, kt):
     (m, norm, o), _ = jax.lax.scan(step, init, (kb, vb, ks, kt))
     seen = norm > 0
     norm = jnp.where(seen, norm, 1.0)
-    return jnp.where(seen[..., None], o / norm[..., None], 0.0), jnp.where(seen, m + jnp.log(norm),
-                                                                          _NEG)
+    out = jnp.where(seen[..., None], o / norm[..., None], 0.0)
+    return out, jnp.where(seen, m + jnp.log(norm), _NEG)
 
 
 @jax.custom_vjp
