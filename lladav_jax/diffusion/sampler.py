@@ -136,11 +136,33 @@ def num_transfer_tokens(masked_count: jax.Array, steps: int) -> jax.Array:
     return base[:, None] + (jnp.arange(steps)[None] < rem[:, None]).astype(jnp.int32)
 
 
+def row_keys(rng: jax.Array, rows: int) -> jax.Array:
+    """[rows] random keys: `rng` itself if it is one key per row already, else one key folded
+    with each row's index. Every draw of a row comes from its own key, so a row samples the
+    same whatever else is in its batch (the server's batches, `Model.generate_batch`)."""
+    if rng.ndim:
+        if rng.shape != (rows,):
+            raise ValueError(f"rng: one key or {rows} (one per row), got shape {rng.shape}")
+        return rng
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(rows))
+
+
+def fold_rows(keys: jax.Array, data) -> jax.Array:
+    """Each row's key folded with the same `data` (a block or step index)."""
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, data)
+
+
+def uniform_rows(keys: jax.Array, shape: tuple[int, ...], minval: float = 0.0) -> jax.Array:
+    """[rows, *shape] uniform draws in [minval, 1), row i from keys[i]."""
+    return jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, minval=minval))(keys)
+
+
 def gumbel_argmax(logits: jax.Array, temperature: float, rng: jax.Array) -> jax.Array:
-    """LLaDA's sampling: argmax of exp(logits) / (-log u)^T (plain argmax at T = 0)."""
+    """LLaDA's sampling: argmax of exp(logits) / (-log u)^T (plain argmax at T = 0); logits
+    [B, ...], rng one key per row [B]."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1)
-    u = jax.random.uniform(rng, logits.shape, jnp.float32, minval=1e-20)
+    u = uniform_rows(rng, logits.shape[1:], minval=1e-20)
     # Same argmax as exp(l) / g^T, in log space: no overflow in float32.
     return jnp.argmax(logits - temperature * jnp.log(-jnp.log(u)), axis=-1)
 
@@ -226,13 +248,13 @@ def _step(model, s: _Setup, embeds, positions, segments, turns, state, b, quota,
     n = logits.shape[0]
     xb = jax.lax.dynamic_slice_in_dim(x[:n], start, bl, axis=1)
     masked = xb == ids.mask
-    noise_rng, rank_rng = jax.random.split(rng)
+    noise_rng, rank_rng = fold_rows(rng, 0), fold_rows(rng, 1)
     x0 = gumbel_argmax(logits, o.temperature, noise_rng)
     if o.remasking == "low_confidence":
         probs = jax.nn.softmax(logits, axis=-1)
         score = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
     else:
-        score = jax.random.uniform(rank_rng, x0.shape)
+        score = uniform_rows(rank_rng, x0.shape[1:])
     confidence = jnp.where(masked, score, -jnp.inf)
     if o.allow_eos:  # an end token waits until nothing before it is masked (end_last)
         confidence = end_last(confidence, x0, masked, ids)
@@ -272,7 +294,7 @@ def _decode_block(model, s, embeds, positions, segments, turns, state, b, rng):
         i, st = carry
         quota = quotas[:, jnp.minimum(i, spb - 1)]
         fresh = i == 0
-        k = jax.random.fold_in(rng, i)
+        k = fold_rows(rng, i)
         if o.cache == "none":
             st = _step(model, s, embeds, positions, segments, turns, st, b, quota, False, k)
         else:  # the block's first step refreshes the cache with a full pass
@@ -300,11 +322,13 @@ def generate(
     `turn_ids` [B, P] (left padding 0; the answer takes each row's last turn).
     Returns `tokens` [B, gen_length] (masks left where a row stopped early), `committed_at`
     [B, gen_length] (the step that committed each token; -1 never) and `steps` (denoising
-    steps run). `on_block(b, tokens)` is called on the host after every block.
+    steps run). `on_block(b, tokens)` is called on the host after every block. `rng`: one
+    key, or one per row ([B]: `row_keys`).
     """
     o = options
     tokens, valid = prompt["tokens"], prompt["valid"].astype(bool)
     b, p = tokens.shape
+    rng = row_keys(rng, b)
     s = _Setup(o, ids, p)
     x = jnp.concatenate([tokens, jnp.full((b, o.gen_length), ids.mask, tokens.dtype)], axis=1)
     segments = jnp.concatenate([valid, jnp.ones((b, o.gen_length), bool)], 1).astype(jnp.int32)
@@ -330,7 +354,7 @@ def generate(
 
     def run(blk, st):
         st = _decode_block(model, s, embeds, positions, segments, turns, st, blk,
-                           jax.random.fold_in(rng, blk))
+                           fold_rows(rng, blk))
         if on_block is not None:
             io_callback(on_block, None, blk, st[0][:b, p:], ordered=True)
         return st

@@ -21,6 +21,7 @@ common length (rounded up to PROMPT_BUCKET so that nearby lengths share a compil
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -62,17 +63,24 @@ class Generation:
 
 @dataclasses.dataclass(frozen=True)
 class BlockDone:
-    """What `on_block` receives after each block: the answer so far."""
+    """What `on_block` receives after each block: the answer so far (`text`, decoded when
+    first read: a server reads it only for the rows that stream)."""
 
     index: int
     num_blocks: int
-    text: str
     tokens: np.ndarray  # [gen_length]; masks in blocks not decoded yet
     done: bool  # <|eot_id|> reached: later blocks add nothing
+    model: Model = dataclasses.field(repr=False, compare=False)
+
+    @functools.cached_property
+    def text(self) -> str:
+        return self.model.answer(self.tokens)[0]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Prompt:
+class PreparedPrompt:
+    """One item's prompt as the sampler takes it (`Model.prepare`)."""
+
     tokens: np.ndarray
     images: list[tuple[ProcessedImage, int]]  # (image, placeholder start in the prompt)
     turn_ids: np.ndarray  # int32 [n]: the dialogue turn of each token (0 first)
@@ -100,7 +108,7 @@ class Model:
         self._lock = threading.Lock()
 
     # -- prompts ---------------------------------------------------------------------------------
-    def _encode(self, images: Images, prompt: Prompt, system: str) -> _Prompt:
+    def _encode(self, images: Images, prompt: Prompt, system: str) -> PreparedPrompt:
         turns = _turns(prompt)
         processed = process_visual(images, self.config)
         tiles = sum(p.tiles.shape[0] for p in processed)
@@ -117,17 +125,22 @@ class Model:
             self.tokenizer, turns, [p.layout.num_tokens for p in processed], system=system
         )
         self._check_turns(enc.turn_ids, turns)
-        return _Prompt(enc.tokens, list(zip(processed, enc.image_starts, strict=True)),
+        return PreparedPrompt(enc.tokens, list(zip(processed, enc.image_starts, strict=True)),
                        enc.turn_ids)
+
+    @functools.cached_property
+    def typed_config(self) -> ModelConfig:
+        """The model's typed config (built once: every prompt reads it)."""
+        return ModelConfig.from_config(self.config)
 
     @property
     def conversation(self) -> bool:
         """Whether the model attends under the conversation mask (it then reads turn ids)."""
-        return ModelConfig.from_config(self.config).attention_mask == "conversation"
+        return self.typed_config.attention_mask == "conversation"
 
     def _check_turns(self, turn_ids: np.ndarray, turns: Sequence[Turn]) -> None:
         # The conversation mask's splash passes stop at max_turns (models.attention).
-        cfg = ModelConfig.from_config(self.config)
+        cfg = self.typed_config
         n = int(turn_ids.max()) + 1
         if cfg.attention_mask == "conversation" and n > cfg.max_turns:
             raise ValueError(f"the conversation ending {turns[-1]['value'][:40]!r} has {n} "
@@ -140,7 +153,7 @@ class Model:
         never trained, and a long enough sequence only fails on the device, out of memory."""
         return int(self.config.text.max_position_embeddings)
 
-    def _check_length(self, p: _Prompt, gen_length: int, where: str) -> None:
+    def _check_length(self, p: PreparedPrompt, gen_length: int, where: str) -> None:
         # Positions count from each prompt's first token (the left padding takes none).
         limit, n = self.max_positions, len(p.tokens)
         if n + gen_length > limit:
@@ -150,25 +163,35 @@ class Model:
                 f"gen_length {gen_length}: more than the model's maximum of {limit} positions "
                 "(text.max_position_embeddings); shorten the prompt or gen_length")
 
-    def _collate(self, prompts: list[_Prompt], gen_length: int) -> dict[str, np.ndarray]:
+    def _collate(self, prompts: list[PreparedPrompt], gen_length: int, rows: int | None = None,
+                 prompt_len: int | None = None, visual: bool = False) -> dict[str, np.ndarray]:
+        """The sampler's batch: prompts left-padded to `prompt_len` (default: the longest,
+        rounded up to PROMPT_BUCKET), `rows` rows (default: one per prompt; the rest repeat the
+        first prompt, their answers dropped), the visual inputs when any prompt has images or
+        `visual` (fixed shapes either way: a server compiles each shape once)."""
         longest = max(len(p.tokens) for p in prompts)
-        p_len = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        p_len = prompt_len or -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        if p_len < longest:
+            raise ValueError(f"prompt_len {p_len} < the longest prompt's {longest} tokens")
+        if rows is not None and rows < len(prompts):
+            raise ValueError(f"rows {rows} < {len(prompts)} prompts")
+        prompts = prompts + prompts[:1] * ((rows or len(prompts)) - len(prompts))
         tokens = np.full((len(prompts), p_len), self.tokenizer.pad_id, np.int32)
         valid = np.zeros((len(prompts), p_len), bool)
-        visual = []
+        placed = []
         for i, p in enumerate(prompts):
             pad = p_len - len(p.tokens)
             tokens[i, pad:], valid[i, pad:] = p.tokens, True
-            visual.append([(img, start + pad) for img, start in p.images])  # left padding
+            placed.append([(img, start + pad) for img, start in p.images])  # left padding
         batch = {"tokens": tokens, "valid": valid}
         if self.conversation:
             turn_ids = np.zeros((len(prompts), p_len), np.int32)
             for i, p in enumerate(prompts):
                 turn_ids[i, p_len - len(p.tokens):] = p.turn_ids
             batch["turn_ids"] = turn_ids
-        if any(visual):
+        if visual or any(placed):
             # Unused visual slots point at p_len + gen_length: past the end, dropped.
-            batch.update(collate_visual(visual, self.config, p_len + gen_length))
+            batch.update(collate_visual(placed, self.config, p_len + gen_length))
         return batch
 
     # -- sampling --------------------------------------------------------------------------------
@@ -193,6 +216,55 @@ class Model:
         ids = [int(t) for t in ids if t != self.special_ids.mask]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids
 
+    def options(self, **options) -> SamplerOptions:
+        """The sampler options of a call: those given over the model's defaults over the
+        sampler's; a TypeError names an unknown one, a ValueError one out of range."""
+        unknown = sorted(set(options) - set(SamplerOptions.defaults()))
+        if unknown:
+            raise TypeError(f"unexpected sampler options {unknown}; the sampler's options are "
+                            f"{list(SamplerOptions.defaults())}")
+        return SamplerOptions(**{**self.sampler_defaults, **options})
+
+    def prepare(self, images: Images, prompt: Prompt, options: SamplerOptions,
+                system: str | None = None, where: str = "") -> PreparedPrompt:
+        """One item encoded and checked against the model's limits (ValueError naming the
+        fault): what `decode` takes."""
+        p = self._encode(images, prompt, self.system_prompt if system is None else system)
+        self._check_length(p, options.gen_length, where)
+        return p
+
+    def decode(self, prompts: Sequence[PreparedPrompt], options: SamplerOptions, rng: jax.Array, *,
+               rows: int | None = None, prompt_len: int | None = None, visual: bool = False,
+               on_block: Callable[[list[BlockDone]], Any] | None = None) -> list[Generation]:
+        """Answers for prepared prompts, decoded as one batch. `rng`: one key, or one per row
+        (then each answer is the same in any batch: `sampler.row_keys`). `rows`, `prompt_len`,
+        `visual`: a fixed batch shape (`_collate`). `on_block(blocks)` gets one BlockDone per
+        prompt after every block."""
+        prompts = list(prompts)
+        batch = self._collate(prompts, options.gen_length, rows, prompt_len, visual)
+        n = len(prompts)
+        sampler = self._sampler(options, on_block is not None)
+
+        def listener(block: int, tokens: np.ndarray) -> None:
+            blocks = []
+            for row in tokens[:n]:
+                done = bool(np.any((row == self.special_ids.eot) | (row == self.special_ids.eos)))
+                blocks.append(BlockDone(block, options.num_blocks, row, done, self))
+            on_block(blocks)
+
+        with self._lock:
+            self._listener = listener if on_block is not None else None
+            try:
+                out = jax.device_get(sampler(batch, rng))
+            finally:
+                self._listener = None
+        tokens, committed_at = np.asarray(out["tokens"])[:n], np.asarray(out["committed_at"])[:n]
+        results = []
+        for row, at in zip(tokens, committed_at, strict=True):
+            text, ids = self.answer(row)
+            results.append(Generation(text, ids, row, at, int(out["steps"])))
+        return results
+
     def generate_batch(
         self,
         items: Sequence[tuple[Images, Prompt]],
@@ -208,41 +280,19 @@ class Model:
 
         `options`: the sampler's, named as `SamplerOptions`' fields (gen_length, steps, cache,
         threshold, ...); those not given take its defaults. `on_block(blocks)` gets one
-        BlockDone per item after every block (for streaming).
+        BlockDone per item after every block (for streaming). Row i draws its random numbers
+        from `seed` folded with i (`sampler.row_keys`).
         """
-        unknown = sorted(set(options) - set(SamplerOptions.defaults()))
-        if unknown:
-            raise TypeError(f"generate_batch() got unexpected keyword arguments {unknown}; the "
-                            f"sampler's options are {list(SamplerOptions.defaults())}")
+        try:
+            opts = self.options(**options)  # checked first
+        except TypeError as e:
+            raise TypeError(f"generate_batch() got {e}") from None
         if not items:
             return []
-        options = SamplerOptions(**{**self.sampler_defaults, **options})  # checked first
-        system = self.system_prompt if system is None else system
-        prompts = [self._encode(images, prompt, system) for images, prompt in items]
-        for i, p in enumerate(prompts):
-            self._check_length(p, options.gen_length, f"item {i}: " if len(prompts) > 1 else "")
-        batch = self._collate(prompts, options.gen_length)
-        sampler = self._sampler(options, on_block is not None)
-
-        def listener(block: int, tokens: np.ndarray) -> None:
-            blocks = []
-            for row in tokens:
-                text, _ = self.answer(row)
-                done = bool(np.any((row == self.special_ids.eot) | (row == self.special_ids.eos)))
-                blocks.append(BlockDone(block, options.num_blocks, text, row, done))
-            on_block(blocks)
-
-        with self._lock:
-            self._listener = listener if on_block is not None else None
-            try:
-                out = jax.device_get(sampler(batch, jax.random.key(seed)))
-            finally:
-                self._listener = None
-        tokens, committed_at = np.asarray(out["tokens"]), np.asarray(out["committed_at"])
-        results = []
-        for row, at in zip(tokens, committed_at, strict=True):
-            text, ids = self.answer(row)
-            results.append(Generation(text, ids, row, at, int(out["steps"])))
+        prompts = [self.prepare(images, prompt, opts, system,
+                                f"item {i}: " if len(items) > 1 else "")
+                   for i, (images, prompt) in enumerate(items)]
+        results = self.decode(prompts, opts, jax.random.key(seed), on_block=on_block)
         return results if return_details else [r.text for r in results]
 
     def generate(
