@@ -158,7 +158,8 @@ PREPARE: dict[str, Callable[[pathlib.Path], None]] = {
 
 
 # Started in the background and left running for the Python examples (the OpenAI client's),
-# on a free port instead of 8000, compiling one batch size instead of four.
+# on a free port instead of 8000, compiling one batch shape instead of eight (one row, prompts
+# up to 128 tokens: the example's is about 60).
 SERVER = ("lladav-serve --ckpt WORKDIR --port 8000 --gen_length 32 --steps 32 --block_length 32 "
           "--cache dual --threshold 0.9")
 SERVER_PORT = "8000"
@@ -308,7 +309,8 @@ def background(args: list[str], root: pathlib.Path, env: dict) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    args = [port if a == SERVER_PORT else a for a in args] + ["--max_batch", "1"]
+    args = [port if a == SERVER_PORT else a for a in args] + ["--max_batch", "1",
+                                                               "--prompt_lengths", "128"]
     log = root / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
