@@ -139,12 +139,13 @@ class _Streamer:
         self.out, self.shown = out, ""
 
     def __call__(self, block) -> None:
-        # A multi-byte character cut by the block's end decodes as U+FFFD: wait for the rest.
-        text = block.text.rstrip("\ufffd")
-        if text.startswith(self.shown):
-            self.out.write(text[len(self.shown):])
+        from lladav_jax.inference.api import text_delta  # imported with jax, after the flags
+
+        delta = text_delta(self.shown, block.text)
+        if delta:
+            self.out.write(delta)
             self.out.flush()
-            self.shown = text
+            self.shown += delta
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -207,11 +207,18 @@ class Model:
         if self._listener is not None:
             self._listener(int(block), np.asarray(tokens))
 
+    def _is_end(self, tokens: np.ndarray) -> np.ndarray:
+        return (tokens == self.special_ids.eot) | (tokens == self.special_ids.eos)
+
+    def ended(self, tokens: np.ndarray) -> bool:
+        """Whether a row of generated tokens holds an end (<|eot_id|> or EOS)."""
+        return bool(np.any(self._is_end(np.asarray(tokens))))
+
     def answer(self, tokens: np.ndarray) -> tuple[str, list[int]]:
         """(text, ids) of one row of generated tokens: everything before the first <|eot_id|>
         or EOS."""
         tokens = np.asarray(tokens)
-        eot = np.flatnonzero((tokens == self.special_ids.eot) | (tokens == self.special_ids.eos))
+        eot = np.flatnonzero(self._is_end(tokens))
         ids = tokens[: eot[0]] if eot.size else tokens
         ids = [int(t) for t in ids if t != self.special_ids.mask]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids
@@ -248,8 +255,7 @@ class Model:
         def listener(block: int, tokens: np.ndarray) -> None:
             blocks = []
             for row in tokens[:n]:
-                done = bool(np.any((row == self.special_ids.eot) | (row == self.special_ids.eos)))
-                blocks.append(BlockDone(block, options.num_blocks, row, done, self))
+                blocks.append(BlockDone(block, options.num_blocks, row, self.ended(row), self))
             on_block(blocks)
 
         with self._lock:
@@ -324,6 +330,14 @@ class Model:
         (result,) = self.generate_batch([(images, prompt)], on_block=stream,
                                         return_details=return_details, **options)
         return result
+
+
+def text_delta(shown: str, text: str, final: bool = False) -> str:
+    """What a block's answer `text` adds to the `shown` part ("" if nothing, or if it does not
+    extend it). Before the last block, a character cut by the block's end (U+FFFD) waits for
+    the next: streaming by `lladav-generate --stream` and by the server's events."""
+    text = text if final else text.rstrip("\ufffd")
+    return text[len(shown):] if text.startswith(shown) else ""
 
 
 def _turns(prompt: Prompt) -> list[Turn]:

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lladav_jax.inference.api import Model
+from lladav_jax.inference.api import Model, text_delta
 from lladav_jax.serve import chat_format
 from lladav_jax.serve.batcher import Batcher, Job, QueueFull
 from lladav_jax.serve.chat_format import RequestError
@@ -145,12 +145,12 @@ async def _stream(request: Request, job: Job, events: asyncio.Queue, rid: str,
             if kind == "error":
                 yield sse(chat_format.error(payload[1], payload[0]))
                 break
-            # Each block's text extends the last (earlier blocks are final); a character
-            # whose bytes straddle the block's end (U+FFFD) waits for the next block.
-            text = payload.text.rstrip("\ufffd") if kind == "block" else payload[0]
-            if text.startswith(sent) and text != sent:
-                yield sse(chat_format.chunk(rid, name, {"content": text[len(sent):]}))
-                sent = text
+            # Each block's text extends the last (earlier blocks are final).
+            text = payload.text if kind == "block" else payload[0]
+            delta = text_delta(sent, text, final=kind == "done")
+            if delta:
+                yield sse(chat_format.chunk(rid, name, {"content": delta}))
+                sent += delta
             if kind == "done":
                 yield sse(chat_format.chunk(rid, name, {}, payload[2]))
                 break

@@ -246,9 +246,8 @@ class Batcher:
         self.batches += 1
         self.rows_decoded += len(jobs)
         for job, result in zip(jobs, results, strict=True):
-            ended = np.any(np.isin(result.tokens, (self.model.special_ids.eot,
-                                                   self.model.special_ids.eos)))
-            job.finish("done", (result.text, result.ids, "stop" if ended else "length"))
+            finish = "stop" if self.model.ended(result.tokens) else "length"
+            job.finish("done", (result.text, result.ids, finish))
 
 
 @jax.jit

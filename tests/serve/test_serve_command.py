@@ -5,7 +5,6 @@ loads; SIGTERM stops it."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ import pytest
 from lladav_jax.cli import serve
 from tests.serve.test_server import png
 from tests.tiny_model import random_model_dir
+from tests.train.test_train import free_port
 
 SAMPLER = ["--gen_length", "16", "--steps", "8", "--block_length", "8"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(("argv", "words"), [
