@@ -7,6 +7,14 @@ from setuptools import find_packages, setup
 TORCH = "torch>=2.4,<3"  # satisfied by the CPU wheel 2.13.0; install that first (see README)
 # lladav-serve; the openai client for the notebook's chat and the tests
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30"]
+# lmms-eval for `--model lladav` (inference/lmms.py). 0.7 imports `filelock._api`, gone in 4.
+LMMS = ["lmms-eval>=0.7.3,<0.8", "filelock<4"]
+# What lmms-eval 0.7 imports to run a generation task, without the package itself: the tests
+# install it with --no-deps (.ci/run, README), because its torchvision has no wheel for the CPU
+# torch here, and the CUDA one installed beside it breaks transformers' imports.
+LMMS_RUNTIME = ["accelerate>=0.29.1", "datasets>=2.19", "evaluate>=0.4", "loguru",
+                "pytablewriter", "sacrebleu>=1.5", "tenacity>=8.3", "zstandard", "python-dotenv",
+                "nltk", "numexpr", "sentencepiece", "lxml", "filelock<4"]
 
 setup(
     name="lladav_jax",
@@ -53,9 +61,11 @@ setup(
                  "wandb>=0.19",
                  "peft>=0.21,<1",  # tests/checkpoints/test_peft.py: adapters in peft's layout
                  *SERVE, "httpx>=0.27",  # tests/serve: the server through the real OpenAI client
+                 *LMMS_RUNTIME,  # tests/inference/test_lmms.py (lmms-eval itself: --no-deps)
                  "scikit-learn>=1.3"],  # the real-data demo (lladav-data digits) and its test
         "wandb": ["wandb>=0.19"],  # --config.wandb.project=...
         "serve": SERVE,  # lladav-serve: the OpenAI chat API
+        "lmms": LMMS,  # lmms-eval --model lladav (with a CUDA or TPU machine's torch)
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
     },
@@ -68,6 +78,8 @@ setup(
             "lladav-eval=lladav_jax.cli.eval:main",
             "lladav-plan=lladav_jax.cli.plan:main",
             "lladav-serve=lladav_jax.cli.serve:main",
-        ]
+        ],
+        # lmms-eval finds `--model lladav` here (inference/lmms.py).
+        "lmms_eval.models": ["lladav=lladav_jax.inference.lmms:manifests"],
     },
 )

@@ -61,6 +61,7 @@ NOT_RUN = {
     "--out /tmp/lladav-digits-answers.jsonl": DIGITS,
     "pip install torch==2.13.0": INSTALLED,
     "pip install -e .[test]": INSTALLED,
+    "pip install --no-deps lmms-eval>=0.7.3,<0.8": INSTALLED,
     "ruff check .": "CI's lint step: .ci/run runs it before the tests",
     "python -m pytest -q tests": "the whole test suite, this test included",
     "python -m pytest -q -m not slow tests": "the quick subset of the suite; CI runs it all",
@@ -211,6 +212,12 @@ def eval_outputs(root: pathlib.Path, stdout: str) -> None:
     assert "accuracy" in stdout
 
 
+def lmms_outputs(root: pathlib.Path, stdout: str) -> None:
+    (results,) = (root / "lmms-out").rglob("*_results.json")
+    accuracy = json.loads(results.read_text())["results"]["shapes"]["accuracy,none"]
+    assert 0 <= accuracy <= 1 and "shapes" in stdout
+
+
 def model_counts(root: pathlib.Path, stdout: str) -> None:
     """The 8b row of the README's variant table is what the command prints."""
     (row,) = [line for line in README.read_text().splitlines() if line.startswith("| `8b`")]
@@ -233,6 +240,10 @@ CHECKS: dict[str, Callable[[pathlib.Path, str], None]] = {
     "lladav-eval --ckpt WORKDIR --data questions.jsonl --out predictions.jsonl --preset chartqa":
         eval_outputs,
     "python -m lladav_jax.models 8b": model_counts,
+    "lladav-data lmms-task --data questions.jsonl --out lmms-tasks --name shapes --preset "
+    "multiple_choice": lambda root, _: assert_nonempty(root / "lmms-tasks"),
+    "python -m lmms_eval --model lladav --model_args pretrained=WORKDIR --batch_size 8 --tasks "
+    "shapes --include_path lmms-tasks --output_path lmms-out": lmms_outputs,
     "lladav-convert export-hf --ckpt demo-lora --out demo-lora-peft --adapter_only":
         lambda root, _: adapter_directory(root / "demo-lora-peft"),
     "lladav-convert import-hf --adapter demo-lora-peft --base lladav-8b --out demo-lora-again":
@@ -253,10 +264,13 @@ def test_every_command_is_run_or_explained():
     blocks = readme_blocks("bash")
     assert blocks[0].strip() == ("pip install torch==2.13.0 && pip install -e \".[test]\" && "
                                  "lladav-train --config configs/demo.py --workdir /tmp/lladav-demo")
+    lmms = '"lmms-eval>=0.7.3,<0.8"'
     assert blocks[1].strip() == ("pip install torch==2.13.0 && pip install -e \".[test]\" && "
-                                 "ruff check . && python -m pytest -q tests")
+                                 f"pip install --no-deps {lmms} && ruff check . && "
+                                 "python -m pytest -q tests")
     ci = (REPO / ".ci" / "run").read_text()
     assert "ruff check ." in ci and "python -m pytest -q tests" in ci
+    assert f"pip install -q --no-deps {lmms}" in ci
 
 
 def architecture_map_paths() -> list[str]:
@@ -331,6 +345,9 @@ def background(args: list[str], root: pathlib.Path, env: dict) -> Iterator[str]:
 @pytest.mark.slow
 def test_commands_run_as_shown(tmp_path, env):
     write_inputs(tmp_path)
+    # lmms-eval reads its task through Hugging Face datasets: its cache here, nothing fetched.
+    env = {**env, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
     ran = []
     with contextlib.ExitStack() as stack:
         port = None

@@ -6,6 +6,8 @@ dataset.
   lladav-data build-tfds --data_path D.json --image_folder IMGS [--video_folder VIDS] --out DIR
       [--name NAME]
   lladav-data digits --out DIR     # a small real VQA set (scikit-learn's digits; data/digits.py)
+  lladav-data lmms-task --data ROWS.jsonl --out DIR [--name NAME] [--preset P] [--metric M]
+      # lladav-eval rows as a local lmms-eval task (inference/lmms_task.py)
 
 (also `python -m lladav_jax.cli.data ...`). Both print the counts of samples, images, missing
 images and malformed samples; neither drops a sample (bad ones are marked for the featurizer).
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from lladav_jax.cli import errors
+from lladav_jax.inference.scoring import METRICS, PRESETS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     digits = sub.add_parser("digits", help="write scikit-learn's handwritten digits as a VQA "
                             "set: images/, train.json, test.json, test.jsonl (lladav-eval rows)")
     digits.add_argument("--out", required=True, help="output directory")
+    task = sub.add_parser("lmms-task", help="write lladav-eval rows as a local lmms-eval task: "
+                          "NAME.yaml and NAME.jsonl, for --tasks NAME --include_path DIR")
+    task.add_argument("--data", required=True, help="lladav-eval rows (JSONL)")
+    task.add_argument("--out", required=True, help="output directory")
+    task.add_argument("--name", default=None, help="task name (default: the data file's stem)")
+    task.add_argument("--preset", choices=sorted(PRESETS),
+                      help="lladav-eval's preset: generation settings, prompt and metric")
+    task.add_argument("--metric", choices=METRICS,
+                      help="for questions without choices (default: the preset's, else exact)")
     errors.add_debug_flag(p)
     return p
 
@@ -60,6 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     p = _parser()
     args = p.parse_args(argv)
+    if args.command == "lmms-task":
+        from lladav_jax.inference.lmms_task import write_task
+
+        path = write_task(args.data, args.out, args.name, args.preset, args.metric)
+        print(f"run it with: python -m lmms_eval --model lladav --model_args pretrained=DIR "
+              f"--tasks {path.stem} --include_path {path.parent}")
+        return 0
     if args.command == "digits":
         from lladav_jax.data.digits import write_digits
 

@@ -216,7 +216,7 @@ def test_generate_cli(dirs, capsys, tmp_path):
     assert capsys.readouterr().out.rstrip("\n") == record["answer"].rstrip("\ufffd")
 
 
-def _eval_rows(folder: pathlib.Path, n: int) -> pathlib.Path:
+def write_eval_rows(folder: pathlib.Path, n: int) -> pathlib.Path:
     data = folder / "llava.jsonl"
     synthetic.write_llava_json(data, folder / "images", n, split="test")
     rows = []
@@ -232,7 +232,7 @@ def _eval_rows(folder: pathlib.Path, n: int) -> pathlib.Path:
 
 
 def test_eval_cli(dirs, capsys, tmp_path):
-    data = _eval_rows(tmp_path, 4)
+    data = write_eval_rows(tmp_path, 4)
     out = tmp_path / "out" / "pred.jsonl"
     argv = ["--ckpt", str(dirs["model"]), "--data", str(data), "--out", str(out),
             "--batch_size", "3", "--gen_length", "4", "--block_length", "4", "--steps", "2"]
