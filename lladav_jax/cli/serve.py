@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests waiting at most; more are answered 429 (default 256)")
     p.add_argument("--timeout_s", type=float, default=600.0,
                    help="a request without an answer after this long is answered 504")
+    p.add_argument("--image_cache_mb", type=float, default=1024.0,
+                   help="device memory for the vision features of recent images, which the "
+                   "later turns of a conversation reuse (default 1024)")
     errors.add_debug_flag(p)
     return p
 
@@ -79,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    errors.require_positive(p, args, ("max_batch", "queue_size", "timeout_s"))
+    errors.require_positive(p, args, ("max_batch", "queue_size", "timeout_s", "image_cache_mb"))
     if args.batch_rows and max(args.batch_rows) != args.max_batch:
         p.error(f"--batch_rows {args.batch_rows}: the largest must be --max_batch "
                 f"{args.max_batch}")
@@ -101,6 +104,7 @@ def _main(argv: Sequence[str] | None) -> int:
     log.addHandler(handler)
     log.propagate = False
     model = api.load(args.ckpt, **quantize)
+    model.feature_cache_bytes = int(args.image_cache_mb * 2**20)
     if args.system is not None:
         model.system_prompt = args.system
     options = model.options(**defaults)

@@ -248,20 +248,21 @@ def video_layout(num_frames: int, cfg) -> VisualLayout:
     return VisualLayout(*_with_newlines(frame_src, np.broadcast_to(w, frame_src.shape)))
 
 
-def collate_visual(samples, cfg, seq_len: int) -> dict[str, np.ndarray]:
+def collate_visual(samples, cfg, seq_len: int,
+                   with_pixels: bool = True) -> dict[str, np.ndarray]:
     """Pack a batch's images into fixed-shape arrays for the model.
 
     samples: per batch row, a list of (ProcessedImage, start) where `start` is the sequence
     position of the image's first placeholder (its V placeholders are consecutive).
-    Returns pixels [B, T, S, S, 3], visual_pos [B, Vmax] (seq_len = unused, dropped by the
-    scatter), visual_src [B, Vmax, 4] into the row's T*P flat tile features (T*P = newline),
-    visual_w [B, Vmax, 4].
+    Returns pixels [B, T, S, S, 3] (not `with_pixels`: none, the caller brings features),
+    visual_pos [B, Vmax] (seq_len = unused, dropped by the scatter), visual_src [B, Vmax, 4]
+    into the row's T*P flat tile features (T*P = newline), visual_w [B, Vmax, 4].
     """
     t_max, v_max = int(cfg.image.max_tiles), int(cfg.image.max_visual_tokens)
     s = cfg.vision.image_size
     p = _tokens_per_side(cfg) ** 2
     b = len(samples)
-    pixels = np.zeros((b, t_max, s, s, 3), np.float32)
+    pixels = np.zeros((b, t_max, s, s, 3), np.float32) if with_pixels else None
     visual_pos = np.full((b, v_max), seq_len, np.int32)
     visual_src = np.zeros((b, v_max, TAPS), np.int32)
     visual_w = np.zeros((b, v_max, TAPS), np.float32)
@@ -280,10 +281,12 @@ def collate_visual(samples, cfg, seq_len: int) -> dict[str, np.ndarray]:
             if start < 0 or start + v > seq_len:
                 msg = f"sample {i}: image placeholders [{start}, {start + v}) exceed seq_len"
                 raise ValueError(f"{msg} {seq_len}")
-            pixels[i, t_off : t_off + n] = img.tiles
+            if pixels is not None:
+                pixels[i, t_off : t_off + n] = img.tiles
             visual_pos[i, v_off : v_off + v] = np.arange(start, start + v)
             src = img.layout.src
             visual_src[i, v_off : v_off + v] = np.where(src == NEWLINE, t_max * p, src + t_off * p)
             visual_w[i, v_off : v_off + v] = img.layout.weight
             t_off, v_off = t_off + n, v_off + v
-    return dict(pixels=pixels, visual_pos=visual_pos, visual_src=visual_src, visual_w=visual_w)
+    out = dict(visual_pos=visual_pos, visual_src=visual_src, visual_w=visual_w)
+    return out if pixels is None else {"pixels": pixels, **out}

@@ -318,7 +318,8 @@ def generate(
     """Answers for a batch of prompts; jit it (`jax.jit(generate, static_argnames=...)`).
 
     prompt: `tokens` [B, P] (left-padded), `valid` [B, P] bool, and optionally the visual
-    inputs of `LLaDAV.embed_inputs` (`VISUAL_KEYS`; `visual_pos` within the prompt) and
+    inputs of `LLaDAV.embed_inputs` (`VISUAL_KEYS`, or `features` in place of `pixels`;
+    `visual_pos` within the prompt) and
     `turn_ids` [B, P] (left padding 0; the answer takes each row's last turn).
     Returns `tokens` [B, gen_length] (masks left where a row stopped early), `committed_at`
     [B, gen_length] (the step that committed each token; -1 never) and `steps` (denoising
@@ -334,8 +335,8 @@ def generate(
     segments = jnp.concatenate([valid, jnp.ones((b, o.gen_length), bool)], 1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
     turns = answer_turns(prompt["turn_ids"], o.gen_length) if "turn_ids" in prompt else None
-    visual = {k: prompt[k] for k in VISUAL_KEYS if k in prompt}
-    prompt_embeds = model.embed_inputs(x, **visual)  # the vision tower runs once
+    visual = {k: prompt[k] for k in (*VISUAL_KEYS, "features") if k in prompt}
+    prompt_embeds = model.embed_inputs(x, **visual)  # the vision tower runs once, if at all
     if o.cfg_scale > 0:  # the unconditional rows: the prompt (images too) all masks
         blank = jnp.where(segments[:, :p] > 0, ids.mask, tokens)
         uncond = model.llm.embed(jnp.concatenate([blank, x[:, p:]], axis=1))

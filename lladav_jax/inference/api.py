@@ -16,6 +16,8 @@ padded tile, a video (`media.Video`) its frames (`inference/media.py`). A prompt
 A prompt is one question (a str) or a conversation (`template.encode_chat_prompt`); a model
 trained with the conversation mask gets its turn ids. Prompts of a batch are left-padded to a
 common length (rounded up to PROMPT_BUCKET so that nearby lengths share a compiled program).
+The images' vision features are computed once and kept (`Model.feature_cache`,
+inference/features.py): a conversation's later turns and other questions reuse them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from lladav_jax.data.layout import collate_visual
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, Turn, encode_chat_prompt
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds, compiled_generate
+from lladav_jax.inference import features
 from lladav_jax.inference.media import Video, Visual, process_visual
 from lladav_jax.models import lladav
 from lladav_jax.models.config import ModelConfig, QuantConfig
@@ -45,6 +48,7 @@ from lladav_jax.models.lladav import LLaDAV
 from lladav_jax.scale import memory, sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this (fewer recompiles)
+FEATURE_CACHE_BYTES = 1 << 30  # device memory for reused vision features (inference/features.py)
 
 Images = Visual  # one image, a list of images, a `Video`, or None
 Prompt = str | Sequence[Turn]  # one question, or LLaVA turns from human to human
@@ -84,6 +88,7 @@ class PreparedPrompt:
     tokens: np.ndarray
     images: list[tuple[ProcessedImage, int]]  # (image, placeholder start in the prompt)
     turn_ids: np.ndarray  # int32 [n]: the dialogue turn of each token (0 first)
+    visual_key: features.Key  # its images' features in the cache (features.key)
 
 
 class Model:
@@ -103,6 +108,7 @@ class Model:
         # used where a call does not set them.
         self.sampler_defaults = dict(sampler_defaults or {})
         self.special_ids = SpecialIds.from_tokenizer(tokenizer)
+        self.feature_cache_bytes = FEATURE_CACHE_BYTES
         self._samplers: dict[tuple[SamplerOptions, bool], Callable] = {}
         self._listener: Callable | None = None
         self._lock = threading.Lock()
@@ -126,7 +132,7 @@ class Model:
         )
         self._check_turns(enc.turn_ids, turns)
         return PreparedPrompt(enc.tokens, list(zip(processed, enc.image_starts, strict=True)),
-                       enc.turn_ids)
+                              enc.turn_ids, features.key(processed))
 
     @functools.cached_property
     def typed_config(self) -> ModelConfig:
@@ -191,8 +197,18 @@ class Model:
             batch["turn_ids"] = turn_ids
         if visual or any(placed):
             # Unused visual slots point at p_len + gen_length: past the end, dropped.
-            batch.update(collate_visual(placed, self.config, p_len + gen_length))
+            batch.update(collate_visual(placed, self.config, p_len + gen_length,
+                                        with_pixels=False))
+            batch["features"] = self.feature_cache.batch(
+                [(p.visual_key, [img for img, _ in p.images]) for p in prompts])
         return batch
+
+    @functools.cached_property
+    def feature_cache(self) -> features.FeatureCache:
+        """The vision features of the prompts' images, computed once (inference/features.py)."""
+        cfg = self.config
+        return features.FeatureCache(self.module, int(cfg.image.max_tiles),
+                                     int(cfg.vision.image_size), self.feature_cache_bytes)
 
     # -- sampling --------------------------------------------------------------------------------
     def _sampler(self, options: SamplerOptions, streaming: bool) -> Callable:
@@ -248,7 +264,6 @@ class Model:
         `visual`: a fixed batch shape (`_collate`). `on_block(blocks)` gets one BlockDone per
         prompt after every block."""
         prompts = list(prompts)
-        batch = self._collate(prompts, options.gen_length, rows, prompt_len, visual)
         n = len(prompts)
         sampler = self._sampler(options, on_block is not None)
 
@@ -258,7 +273,8 @@ class Model:
                 blocks.append(BlockDone(block, options.num_blocks, row, self.ended(row), self))
             on_block(blocks)
 
-        with self._lock:
+        with self._lock:  # the feature cache too
+            batch = self._collate(prompts, options.gen_length, rows, prompt_len, visual)
             self._listener = listener if on_block is not None else None
             try:
                 out = jax.device_get(sampler(batch, rng))

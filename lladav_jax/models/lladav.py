@@ -67,19 +67,24 @@ class LLaDAV(nnx.Module):
         visual_src: jax.Array | None = None,
         visual_w: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
+        features: jax.Array | None = None,
     ) -> jax.Array:
         """Token embeddings with the visual tokens written at their placeholder positions.
 
-        tokens [B, L]; pixels [B, T, S, S, 3]; visual_pos [B, V] (L = unused row, dropped);
-        visual_src [B, V, 4] into the T*P flat features, T*P meaning `image_newline`;
-        visual_w [B, V, 4].
+        tokens [B, L]; pixels [B, T, S, S, 3], or their `encode_images` features [B, T, P, D]
+        computed beforehand (`features`, the sampler's reuse: inference/features.py);
+        visual_pos [B, V] (L = unused row, dropped); visual_src [B, V, 4] into the T*P flat
+        features, T*P meaning `image_newline`; visual_w [B, V, 4].
         """
         x = self.llm.embed(tokens)
-        if pixels is None:
+        if pixels is None and features is None:
             return x
-        b, t = pixels.shape[:2]
-        feats = self.encode_images(pixels.reshape(b * t, *pixels.shape[2:]), dropout_rng)
-        feats = feats.reshape(b, t * feats.shape[1], feats.shape[2])
+        if features is None:
+            b, t = pixels.shape[:2]
+            features = self.encode_images(pixels.reshape(b * t, *pixels.shape[2:]), dropout_rng)
+            features = features.reshape(b, t, *features.shape[1:])
+        b = features.shape[0]
+        feats = features.reshape(b, -1, features.shape[-1])
         newline = jnp.broadcast_to(self.image_newline[...].astype(feats.dtype), (b, 1, x.shape[2]))
         table = jnp.concatenate([feats, newline], axis=1)
         # Four gathers summed, rather than one [B, V, 4, D] gather: a quarter of the memory.

@@ -3,7 +3,8 @@
     POST /v1/chat/completions   chat_format's requests; `stream: true` sends one server-sent
                                 event per decoded block, then `data: [DONE]`
     GET  /v1/models             the one model served
-    GET  /health                queue length, batches decoded, XLA compiles since the warm-up
+    GET  /health                queue length, batches decoded, XLA compiles since the warm-up,
+                                images encoded and reused (inference/features.py)
 
 A request is parsed and its images decoded off the event loop; a fault is a 4xx naming it
 (chat_format.RequestError, or the model's own ValueError: an unreadable image, a prompt longer
@@ -49,7 +50,10 @@ def create_app(model: Model, batcher: Batcher, name: str = "lladav", timeout_s: 
         return {"status": "ok", "model": name, "waiting": batcher.waiting,
                 "batches": batcher.batches, "rows_decoded": batcher.rows_decoded,
                 "dropped": batcher.dropped,
-                "compiles_after_warm_up": batcher.compiles_after_warm_up}
+                "compiles_after_warm_up": batcher.compiles_after_warm_up,
+                # The vision tower's runs, and the times a conversation's images reused them.
+                "image_encodes": model.feature_cache.encodes,
+                "image_reuses": model.feature_cache.hits}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

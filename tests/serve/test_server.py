@@ -1,7 +1,7 @@
 """lladav-serve's engine through the real `openai` client: the same answers as `generate`,
-alone or in a batch of 32, streamed block by block, bad requests refused by name while the
-others are served, a full queue answered 429, a departed client's row freed. A random `tiny`
-model; one server (warmed up once) for the module."""
+alone or in a batch of 32, streamed block by block, a conversation's image encoded once, bad
+requests refused by name while the others are served, a full queue answered 429, a departed
+client's row freed. A random `tiny` model; one server (warmed up once) for the module."""
 
 from __future__ import annotations
 
@@ -87,6 +87,22 @@ def test_openai_client_answers_as_generate(client, model, tmp_path):
     want = model.generate(png(2), llava, system="Be brief.",
                           **{**OPTIONS, **settings})
     assert got.choices[0].message.content == want
+
+
+def test_a_conversation_encodes_its_image_once(server, client):
+    """Three turns about one image: the vision tower runs for the first only (the answers
+    equal the tower run afresh: tests/inference/test_features.py)."""
+    url = server[0]
+    start = httpx.get(url + "/health").json()
+    messages = ask(png(50), "What shape?")
+    for question in ("And its color?", "Where is it?", None):
+        reply = client.chat.completions.create(model="x", messages=messages)
+        if question:
+            messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                         {"role": "user", "content": question}]
+    health = httpx.get(url + "/health").json()
+    assert health["image_encodes"] == start["image_encodes"] + 1
+    assert health["image_reuses"] == start["image_reuses"] + 2
 
 
 def test_32_concurrent_clients_answer_as_alone_without_a_compile(server, client, model):
