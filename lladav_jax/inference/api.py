@@ -5,6 +5,7 @@
     m.generate("cat.png", "What is this?", gen_length=32, steps=32, block_length=32)
     m.generate_batch([("a.png", "Color?"), (["b.png", "c.png"], "Same?")], cache="dual")
     m.generate(lv.Video("clip.mp4"), "What happens?")   # or video="clip.mp4"
+    m.generate("cat.png", ["What is this?", "What color?"])  # several questions: a list back
     m.generate("cat.png", [{"from": "human", "value": "What is this?"},   # a conversation:
                            {"from": "gpt", "value": "A cat."},            # LLaVA turns, ending
                            {"from": "human", "value": "What color?"}])    # with a question
@@ -268,10 +269,8 @@ class Model:
         sampler = self._sampler(options, on_block is not None)
 
         def listener(block: int, tokens: np.ndarray) -> None:
-            blocks = []
-            for row in tokens[:n]:
-                blocks.append(BlockDone(block, options.num_blocks, row, self.ended(row), self))
-            on_block(blocks)
+            on_block([BlockDone(block, options.num_blocks, row, self.ended(row), self)
+                      for row in tokens[:n]])
 
         with self._lock:  # the feature cache too
             batch = self._collate(prompts, options.gen_length, rows, prompt_len, visual)
@@ -326,12 +325,13 @@ class Model:
         return_details: bool = False,
         video: str | os.PathLike | bytes | None = None,
         **options,
-    ) -> str | Generation:
+    ) -> str | Generation | list[str] | list[Generation]:
         """The answer to `prompt` about `images` (one image, a list, a `Video`, or None), or
         about `video` (a path or bytes: `Video(video)`, given instead of images). `prompt`: a
         question, or a conversation `[{"from": "human", "value": ...}, {"from": "gpt", ...},
         ..., {"from": "human", ...}]` whose last question is answered; a conversation longer
-        than the model's `max_turns` is a ValueError.
+        than the model's `max_turns` is a ValueError. Several questions (a list of str) about
+        the same images get a list of answers, decoded as one batch, the images encoded once.
 
         Options: those of `generate_batch` (the sampler's, `SamplerOptions`, with its
         defaults), seed=0, system=None (the model's `system_prompt`).
@@ -342,6 +342,12 @@ class Model:
             if images is not None:
                 raise ValueError("give images or a video, not both")
             images = Video(video)
+        if not isinstance(prompt, str) and prompt and all(isinstance(q, str) for q in prompt):
+            if on_block is not None:
+                raise ValueError("on_block streams one answer: ask several questions with "
+                                 "generate_batch(on_block=...)")
+            return self.generate_batch([(images, q) for q in prompt],
+                                       return_details=return_details, **options)
         stream = None if on_block is None else (lambda blocks: on_block(blocks[0]))
         (result,) = self.generate_batch([(images, prompt)], on_block=stream,
                                         return_details=return_details, **options)

@@ -36,9 +36,11 @@ def test_a_conversation_encodes_its_image_once(model):
     cache.clear()  # computed afresh, the answer is the same
     assert model.generate(png(1), turns, **OPTIONS) == third
     assert cache.encodes == before + 2
-    # Several questions about one image in one batch: one run of the tower.
-    model.generate_batch([(png(2), f"Question {i}?") for i in range(3)], **OPTIONS)
+    # Several questions about one image: one batch, one run of the tower.
+    questions = [f"Question {i}?" for i in range(3)]
+    answers = model.generate(png(2), questions, **OPTIONS)
     assert cache.encodes == before + 3
+    assert answers == [model.generate(png(2), q, **OPTIONS) for q in questions]
 
 
 def test_features_give_the_answers_of_the_tower_in_the_sampler(model):
