@@ -62,13 +62,14 @@ def create_app(model: Model, batcher: Batcher, name: str = "lladav", timeout_s: 
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the request body is not JSON ({e})") from None
-        req = chat_format.parse(body)
-        job, events = await _admit(model, batcher, req, {**defaults, **req.options},
-                                   seed if req.seed is None else req.seed, timeout_s)
+        with batcher.arriving():  # a batch waits for requests still being read
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(400, f"the request body is not JSON ({e})") from None
+            req = chat_format.parse(body)
+            job, events = await _admit(model, batcher, req, {**defaults, **req.options},
+                                       seed if req.seed is None else req.seed, timeout_s)
         rid = chat_format.new_id()
         if req.stream:
             return StreamingResponse(_stream(request, job, events, rid, name),

@@ -6,7 +6,8 @@
     batcher.submit(Job(prompt, options, seed, deliver))   # QueueFull when the queue is full
 
 Requests with the same sampler options that arrive within `window_s` of the oldest waiting
-one, each within `gap_s` of the one before (or that fill `max_batch`), are one batch, padded to
+one, each within `gap_s` of the one before or while others are still being read (`arriving`),
+or that fill `max_batch`, are one batch, padded to
 the smallest compiled number of rows and prompt length that hold them, so no request compiles
 anything when it uses the warmed-up options (`compiles_after_warm_up` counts XLA compiles, from
 JAX's monitoring events). Every row draws its random numbers from its own request's seed
@@ -20,11 +21,12 @@ batch is decoded to the end of the batch (one compiled program) and dropped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -123,6 +125,7 @@ class Batcher:
         self.model, self.options, self.shapes = model, options, shapes
         self.window_s, self.gap_s, self.queue_size = window_s, gap_s, queue_size
         self._queue: list[Job] = []
+        self._arriving = 0  # requests being read and prepared: about to join (`arriving`)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -139,6 +142,20 @@ class Batcher:
                 raise QueueFull(f"the queue holds {self.queue_size} requests; try again later")
             self._queue.append(job)
             self._wake.notify()
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around a request's reading, preparing and `submit`: while any request is arriving,
+        a batch is not closed by the gap (only by the window or when full), so a burst whose
+        requests are still being read joins one batch."""
+        with self._wake:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._arriving -= 1
+                self._wake.notify()
 
     @property
     def waiting(self) -> int:
@@ -193,7 +210,8 @@ class Batcher:
     def _next_batch(self) -> list[Job] | None:
         """The next batch: the oldest job and up to max_batch - 1 more with its options, once
         the batch is full, the window since the oldest arrived has passed, or no job has
-        joined for `gap_s` (a lone request waits only that long; a burst keeps gathering)."""
+        joined for `gap_s` and none is arriving (a lone request waits only that long; a burst
+        keeps gathering)."""
         max_batch = self.shapes.rows[-1]
         with self._wake:
             while True:
@@ -205,9 +223,12 @@ class Batcher:
                     continue
                 first = self._queue[0]
                 mates = [j for j in self._queue if j.options == first.options][:max_batch]
-                # Closed by the window, or earlier by a gap: nobody has joined for gap_s.
-                wait = min(first.arrived + self.window_s,
-                           mates[-1].arrived + self.gap_s) - time.monotonic()
+                # Closed by the window, or earlier by a gap: nobody has joined for gap_s and
+                # nobody is arriving.
+                close = first.arrived + self.window_s
+                if not self._arriving:
+                    close = min(close, mates[-1].arrived + self.gap_s)
+                wait = close - time.monotonic()
                 if len(mates) < max_batch and wait > 0:
                     self._wake.wait(wait)
                     continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import contextlib
 import io
 import time
 
@@ -217,3 +218,28 @@ def test_a_row_samples_the_same_in_any_batch(model):
     assert alone.text == batched.text and alone.ids == batched.ids
     assert model.generate(png(9), "A longer one?", seed=5, temperature=1.0,
                           remasking="random", **OPTIONS) == alone.text
+
+
+def test_a_batch_waits_for_requests_still_arriving(model):
+    """The gap closes a batch only when no request is being read: a request that joins 0.3 s
+    after another (gap 20 ms) shares its batch while it was arriving all along, not otherwise."""
+    from lladav_jax.serve.batcher import Job
+
+    options = model.options(**OPTIONS)
+    shapes = Shapes.for_model(model, options, 2, [1, 2], PROMPT)
+    batches = []
+    for hold in (True, False):
+        batcher = Batcher(model, options, shapes, window_s=2.0, gap_s=0.02)
+        batcher.start()
+        done = []
+        jobs = [Job(model.prepare(None, f"Q{i}?", options), options, 0,
+                    lambda kind, _, done=done: done.append(kind)) for i in range(2)]
+        with batcher.arriving() if hold else contextlib.nullcontext():
+            batcher.submit(jobs[0])
+            time.sleep(0.3)
+            batcher.submit(jobs[1])
+        while len(done) < 2:
+            time.sleep(0.01)
+        batcher.stop()
+        batches.append(batcher.batches)
+    assert batches == [1, 2]
