@@ -39,9 +39,8 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 if TYPE_CHECKING:
+    from lladav_jax.diffusion.sampler import SamplerOptions
     from lladav_jax.inference.media import Visual
-
-# JAX and the model load with the model, not when lmms-eval reads its entry points (`manifests`).
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +119,14 @@ class LladaV(lmms):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.seed, self.system = int(seed), system
+        # JAX is imported here, not at the top: lmms-eval imports this module for `manifests`.
         from lladav_jax.inference import api
 
         self.model = api.load(pretrained, **load)
         self._logged: set[tuple[str, ...]] = set()
 
-    def _options(self, gen_kwargs: dict[str, Any]):
+    def _options(self, gen_kwargs: dict[str, Any]
+                 ) -> tuple[SamplerOptions, str | None, tuple[str, ...]]:
         options, think, stops, ignored = _setting(gen_kwargs)
         if ignored and tuple(sorted(ignored)) not in self._logged:
             self._logged.add(tuple(sorted(ignored)))

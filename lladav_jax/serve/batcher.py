@@ -7,12 +7,11 @@
 
 Requests with the same sampler options that arrive within `window_s` of the oldest waiting
 one, each within `gap_s` of the one before or while others are still being read (`arriving`),
-or that fill `max_batch`, are one batch, padded to
-the smallest compiled number of rows and prompt length that hold them, so no request compiles
-anything when it uses the warmed-up options (`compiles_after_warm_up` counts XLA compiles, from
-JAX's monitoring events). Every row draws its random numbers from its own request's seed
-(`sampler.row_keys`) and prompts are left-padded with positions counted from their first token:
-an answer is the same in any batch.
+or that fill `max_batch`, are one batch, padded to the smallest compiled number of rows and
+prompt length that hold them, so no request compiles anything when it uses the warmed-up
+options (`compiles_after_warm_up` counts XLA compiles, from JAX's monitoring events). Every
+row draws its random numbers from its own request's seed (`sampler.row_keys`) and prompts are
+left-padded with positions counted from their first token: an answer is the same in any batch.
 
 A row whose answer has ended is delivered at the end of that block, not the batch's. A job
 cancelled or past its deadline while it waits never enters a batch; one cancelled during its
