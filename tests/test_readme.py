@@ -53,7 +53,8 @@ INSTALLED = "installs packages: this test runs in the environment those commands
 MEDIA = ("needs a model that takes several tiles (the smoke run's demo takes one); "
          "tests/cli/test_video_eval.py runs these on a tiny model")
 DIGITS = ("the real-data demo (minutes of training): tests/data/test_digits.py writes the set, "
-          "tests/train/test_answer_length.py trains a shorter run and runs lladav-eval on it")
+          "tests/train/test_answer_length_digits.py trains a shorter run and runs lladav-eval "
+          "on it")
 NOT_RUN = {
     "lladav-data digits --out /tmp/lladav-digits": DIGITS,
     "lladav-train --config configs/demo_digits.py --workdir /tmp/lladav-digits-run": DIGITS,
