@@ -49,7 +49,6 @@ from lladav_jax.models.lladav import LLaDAV
 from lladav_jax.scale import memory, sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this (fewer recompiles)
-FEATURE_CACHE_BYTES = 1 << 30  # device memory for reused vision features (inference/features.py)
 
 Images = Visual  # one image, a list of images, a `Video`, or None
 Prompt = str | Sequence[Turn]  # one question, or LLaVA turns from human to human
@@ -109,7 +108,7 @@ class Model:
         # used where a call does not set them.
         self.sampler_defaults = dict(sampler_defaults or {})
         self.special_ids = SpecialIds.from_tokenizer(tokenizer)
-        self.feature_cache_bytes = FEATURE_CACHE_BYTES
+        self.feature_cache_bytes = features.MAX_BYTES  # before the first image is encoded
         self._samplers: dict[tuple[SamplerOptions, bool], Callable] = {}
         self._listener: Callable | None = None
         self._lock = threading.Lock()

@@ -23,6 +23,7 @@ from flax import nnx
 from lladav_jax.data.image import ProcessedImage
 
 Key = bytes  # `key(images)`; b"" for a prompt without images
+MAX_BYTES = 1 << 30  # device memory kept for features by default (`Model.feature_cache_bytes`)
 
 
 def key(images: Sequence[ProcessedImage]) -> Key:
@@ -43,7 +44,7 @@ class FeatureCache:
     a prompt's features already computed."""
 
     def __init__(self, module: nnx.Module, max_tiles: int, image_size: int,
-                 max_bytes: int = 1 << 30):
+                 max_bytes: int = MAX_BYTES):
         graphdef, state = nnx.split(module)
         encode = jax.jit(lambda s, pixels: nnx.merge(graphdef, s).encode_images(pixels))
         self._encode = lambda pixels: encode(state, pixels)

@@ -38,6 +38,8 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from PIL import Image
 
+from lladav_jax.inference.lmms_task import OFFICIAL_NAMES
+
 if TYPE_CHECKING:
     from lladav_jax.diffusion.sampler import SamplerOptions
     from lladav_jax.inference.media import Visual
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 OFFICIAL_DEFAULTS = dict(gen_length=2, block_length=2, steps=2, remasking="low_confidence",
                          cfg_scale=0.0, temperature=0.0)
 # Generation keys of the official adapter and lmms-eval, by the sampler option each sets.
-RENAMED = {"gen_steps": "steps", "cfg": "cfg_scale"}
+RENAMED = {official: ours for ours, official in OFFICIAL_NAMES.items()}
 SAMPLER_KEYS = ("gen_length", "block_length", "steps", "remasking", "cfg_scale", "temperature",
                 "cache", "threshold", "allow_eos")
 THINK_MODES = ("think", "no_think")

@@ -22,7 +22,8 @@ import re
 
 from lladav_jax.inference.scoring import NOT_SAMPLER, PRESETS, prompt_of, read_rows, score
 
-# The official adapter's names for the sampler's options (`lmms.RENAMED`, reversed).
+# The official adapter's names for the sampler's options: the one table, which the lmms-eval
+# model reads reversed (`lmms.RENAMED`).
 OFFICIAL_NAMES = {"steps": "gen_steps", "cfg_scale": "cfg"}
 
 
