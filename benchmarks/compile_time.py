@@ -2,7 +2,7 @@
 compile in about the time of 2 (docs/design.md §10.2).
 
     python benchmarks/compile_time.py [--variant small] [--layers 2 8] [--devices 1]
-        [--seq_len 1024] [--rows_per_device 1] [--repeats 3]
+        [--seq_len 1024] [--rows_per_device 1] [--repeats 3] [--attention chunked]
 
 Each run builds the step as `lladav-train` does (`lladav_jax.scale.plan.lower_train_step`: the
 trainer's layout, shardings, donation) for the variant with `text.num_layers` set, on a
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=1024)
     parser.add_argument("--rows_per_device", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attention", help="model.attention_impl (default: the variant's)")
     args = parser.parse_args()
 
     from lladav_jax.scale import plan
@@ -42,6 +43,8 @@ def main() -> None:
     def config(layers: int):
         c = base_config(args.variant)
         c.model.text.num_layers = layers
+        if args.attention:
+            c.model.attention_impl = args.attention
         c.data.seq_len = args.seq_len
         c.data.batch_size = args.rows_per_device * args.devices
         c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
@@ -50,7 +53,8 @@ def main() -> None:
     mesh = sharding.make_mesh(dict(config(1).mesh))
     print(f"jax {jax.__version__}, {args.devices} simulated CPU device(s), {os.cpu_count()} "
           f"cores, load average {os.getloadavg()[0]:.2f}; {args.variant} with text.num_layers "
-          f"in {args.layers}, {args.rows_per_device * args.devices} x {args.seq_len} tokens",
+          f"in {args.layers}, {args.rows_per_device * args.devices} x {args.seq_len} tokens, "
+          f"attention {config(1).model.attention_impl}",
           flush=True)
     runs = {n: [] for n in args.layers}
     for i in range(args.repeats):

@@ -51,7 +51,7 @@ from lladav_jax.data.image import process_image
 from lladav_jax.data.layout import grid_pinpoints
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, encode_prompt
 from lladav_jax.data.tokenizer import Tokenizer
-from lladav_jax.diffusion.sampler import SamplerOptions
+from lladav_jax.diffusion.options import SamplerOptions
 from lladav_jax.models import hf_config, hf_params
 from lladav_jax.models.config import vision_config
 

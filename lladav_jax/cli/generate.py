@@ -3,7 +3,8 @@
   lladav-generate --ckpt DIR [--image PATH [--image PATH ...] | --video PATH [--uniform_frames]]
     --prompt TEXT [--gen_length N]
     [--steps N] [--block_length N] [--temperature T] [--remasking low_confidence|random]
-    [--cfg_scale S] [--cache none|prefix|dual] [--threshold P] [--seed S] [--output_ids]
+    [--cfg_scale S] [--cache none|prefix|dual|adaptive] [--threshold P]
+    [--refresh_threshold D] [--seed S] [--output_ids]
     [--stream] [--order_png PATH] [--quantize none|int8|int4] [--quantize_tile N]
     [--quantize_vision]
 
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from lladav_jax.cli import errors
-from lladav_jax.diffusion.sampler import CACHES, REMASKING, SamplerOptions
+from lladav_jax.diffusion.options import CACHES, REMASKING, SamplerOptions
 
 DEFAULTS = SamplerOptions.defaults()  # every sampler option, by name
 # Options whose default the loaded model decides (`api.sampler_defaults`): left out unless set.
@@ -54,6 +55,12 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=CACHES, help=f"KV cache (default {d['cache']})")
     p.add_argument("--threshold", type=float,
                    help="parallel decoding: commit every token above this confidence")
+    p.add_argument("--refresh_threshold", type=float,
+                   help="--cache adaptive: refresh the cache when its drift passes this "
+                   f"(default {d['refresh_threshold']:g})")
+    p.add_argument("--shrink_batch", action=argparse.BooleanOptionalAction,
+                   help="between blocks, finished rows leave the batch (a block program "
+                   "compiled per halved batch size) (default off)")
     p.add_argument("--allow_eos", action=argparse.BooleanOptionalAction,
                    help="let EOS fill the answer window and end the answer (default: on for a "
                    "model trained with data.answer_window > 0, else off, the official rule)")

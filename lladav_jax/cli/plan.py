@@ -58,7 +58,8 @@ _PROMPT_LEN = flags.DEFINE_integer(
     "largest AnyRes image with a short question).")
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 128, "Sampler: answer tokens.")
 _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Sampler: block length.")
-_CACHE = flags.DEFINE_enum("cache", "dual", ["none", "prefix", "dual"], "Sampler: KV cache.")
+_CACHE = flags.DEFINE_enum("cache", "dual", ["none", "prefix", "dual", "adaptive"],
+                           "Sampler: KV cache.")
 _INFERENCE = flags.DEFINE_boolean(
     "inference", False, "Plan inference alone: compile the sampler, not the train step.")
 _QUANTIZE = flags.DEFINE_enum(

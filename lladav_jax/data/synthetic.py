@@ -15,6 +15,11 @@ demo on something new (configs/demo_lora.py):
 
     size        "Is the circle big?"               -> yes | no
 
+`kind="describe"` asks for a long answer: 2-4 shapes, one per quadrant, named in reading order
+(7, 11 or 15 tokens), for measuring the sampler where answers span several blocks:
+
+    describe    "Describe the shapes."  -> "a red circle and a blue square and a green triangle"
+
 Two kinds are not single images (data/synthetic_media.py): `motion`, a video of a shape moving
 ("Which way does the red circle move?" -> left | right | up | down), and `pick`, 2-4 images
 ("Which image shows the red circle?" -> first | second | third | fourth); `mixed` cycles
@@ -60,7 +65,9 @@ QUESTIONS = {
     **MEDIA_QUESTIONS,
 }
 CAPTION_PROMPT = "Describe the image."
-KINDS = ("qa", "caption", "size", "motion", "pick", "mixed")
+DESCRIBE_QUESTIONS = ("Describe the shapes.", "Name every shape from top left to bottom right.")
+DESCRIBE_COUNTS = COUNTS[1:]  # shapes in a `describe` scene, cycling with the index
+KINDS = ("qa", "caption", "size", "motion", "pick", "mixed", "describe")
 # `mixed`: sample i is of kind MIXED[i % 4], the next sample of that kind (`mixed_part`);
 # videos twice as often: the tiny demo model learns them slowest.
 MIXED = ("qa", "motion", "pick", "motion")
@@ -114,6 +121,8 @@ def caption(shapes) -> str:
 def _sample(index: int, split: str, seed: int, kind: str) -> tuple[dict[str, Any], tuple]:
     """(the sample's fields but its image, the scene to render: w, h, background, shapes)."""
     rng = sample_rng(seed, split, index)
+    if kind == "describe":
+        return _describe(index, split, seed, rng)
     # Question type and answer cycle with the index: every answer equally often.
     types = ("size",) if kind == "size" else QUESTION_TYPES
     n_types = len(types)
@@ -126,6 +135,20 @@ def _sample(index: int, split: str, seed: int, kind: str) -> tuple[dict[str, Any
     sample_id = f"synthetic-{split}-{seed}-{index:07d}"
     if kind == "caption":
         question, answer, qtype = CAPTION_PROMPT, caption(scene[3]), "caption"
+    return _fields(sample_id, question, answer, qtype), scene
+
+
+def _describe(index: int, split: str, seed: int, rng) -> tuple[dict[str, Any], tuple]:
+    """A `describe` sample: a count scene (one shape per quadrant, in reading order) whose
+    answer names every shape."""
+    scene = _scene(rng, "count", DESCRIBE_COUNTS[index % len(DESCRIBE_COUNTS)])
+    sample_id = f"synthetic-describe-{split}-{seed}-{index:07d}"
+    question = pick(rng, DESCRIBE_QUESTIONS)
+    return _fields(sample_id, question, caption(scene[3]), "describe"), scene
+
+
+def _fields(sample_id: str, question: str, answer: str, qtype: str) -> dict[str, Any]:
+    """A one-image sample's fields but its pixels."""
     return {
         "id": sample_id,
         "image": f"{sample_id}.png",
@@ -135,7 +158,7 @@ def _sample(index: int, split: str, seed: int, kind: str) -> tuple[dict[str, Any
         ],
         "question_type": qtype,
         "answer": answer,
-    }, scene
+    }
 
 
 def mixed_part(index: int) -> tuple[str, int]:

@@ -10,22 +10,24 @@ masked positions, and a row is done once `<|eot_id|>` is committed with nothing 
 `allow_eos` lets a model trained with EOS padding (docs/design.md §4.5) fill its window with
 EOS, which ends the answer like `<|eot_id|>`.
 
-All of it is one jitted program: blocks in a loop, steps in a while loop that ends when the
-block is decoded or every row is done. Prompts are left-padded (padding is segment 0, invisible)
-with positions counted from each prompt's first token, so a row decodes as it would alone.
+All of it is one jitted program: blocks in a while loop that ends once every row is done
+(`shrink_batch`: finished rows leave the batch between blocks), steps in a while loop that ends
+when the block is decoded or every row is done. Prompts are left-padded (padding is segment 0,
+invisible) with positions counted from each prompt's first token, so a row decodes as it would
+alone.
 A prompt with `turn_ids` (a multi-turn conversation, for a model with the conversation mask)
 gives the answer its last turn: it sees the whole dialogue, earlier turns never see it.
 
-Caches: `none` runs the whole sequence every step. `prefix` runs it once per block to cache
-every position's keys/values, then each step runs only the block and what follows it. `dual`
-runs only the block, the suffix's keys/values cached too (Fast-dLLM's approximation).
+Caches (`cache_policy`): `none` runs the whole sequence every step. `prefix` runs it once per
+block to cache every position's keys/values, then each step runs only the block and what follows
+it. `dual` runs only the block, the suffix's keys/values cached too (Fast-dLLM's approximation).
+`adaptive` runs only the block too, and refreshes the cache only when it has drifted.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import numbers
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,219 +35,133 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from lladav_jax.data.example import VISUAL_KEYS
-
-CACHES = ("none", "prefix", "dual")
-REMASKING = ("low_confidence", "random")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerOptions:
-    """The sampler's options and their defaults: the one definition that `Model.generate`,
-    the CLIs' flags and `torch_reference.generate` take theirs from (`defaults()`)."""
-
-    gen_length: int = 128
-    steps: int = 128
-    block_length: int = 128
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
-    cfg_scale: float = 0.0
-    cache: str = "none"
-    threshold: float | None = None
-    # False: LLaDA-V's rule, EOS never predicted at a masked position. True: for a model
-    # trained with EOS after its answers (`data.answer_window`): EOS may fill the window, and
-    # a row's answer ends at its first EOS or <|eot_id|>.
-    allow_eos: bool = False
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):  # e.g. temperature=1 stored as 1.0
-            value = getattr(self, f.name)
-            if "float" in str(f.type) and value is not None:
-                if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                    raise ValueError(f"sampler option {f.name}={value!r}: must be a number")
-                object.__setattr__(self, f.name, float(value))
-        self.check()
-
-    def check(self) -> None:
-        """ValueError naming the first option out of range, and the range: every rule the
-        sampler assumes, checked before anything is compiled or allocated."""
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"sampler option {name}={getattr(self, name)!r}: {rule}")
-
-        for name in ("gen_length", "steps", "block_length"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise bad(name, "must be an integer >= 1")
-            if value < 1:
-                raise bad(name, "must be >= 1")
-        if self.gen_length % self.block_length:
-            raise bad("gen_length", f"must be a multiple of block_length {self.block_length} "
-                      "(the answer is decoded in whole blocks)")
-        if self.steps % self.num_blocks:
-            raise bad("steps", f"must be a multiple of the number of blocks, gen_length / "
-                      f"block_length = {self.num_blocks} (every block gets the same steps)")
-        if self.temperature < 0:
-            raise bad("temperature", "must be >= 0 (0: no noise, plain argmax)")
-        if self.cfg_scale < 0:
-            raise bad("cfg_scale", "must be >= 0 (0: no guidance)")
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            raise bad("threshold", "must be a probability in (0, 1], or None (no parallel "
-                      "decoding)")
-        if self.remasking not in REMASKING:
-            raise bad("remasking", f"choose one of {', '.join(REMASKING)}")
-        if self.cache not in CACHES:
-            raise bad("cache", f"choose one of {', '.join(CACHES)}")
-        if not isinstance(self.allow_eos, bool):
-            raise bad("allow_eos", "must be True or False")
-
-    @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-    @classmethod
-    def defaults(cls) -> dict:
-        """Every option's name and default value, in field order."""
-        return {f.name: f.default for f in dataclasses.fields(cls)}
+from lladav_jax.diffusion.cache_policy import POLICIES, block_kv, drift
+from lladav_jax.diffusion.options import SamplerOptions, SpecialIds
+from lladav_jax.diffusion.unmasking import (
+    end_last,
+    fold_rows,
+    gumbel_argmax,
+    num_transfer_tokens,
+    row_keys,
+    rows_done,
+    select,
+    uniform_rows,
+)
 
 
-# The special tokens (names of `tokenizer.SPECIAL_TOKENS`) LLaDA-V never predicts at a masked
-# position.
-FORBIDDEN = ("eos", "bos", "start_header", "end_header")
+class _Setup(NamedTuple):
+    """What every step shares: the options, the special ids, the prompt length, and the
+    sequence's fixed inputs, row by row (B' rows: B, or 2B with CFG): the prompt's embeddings
+    with its images [B', L, D] (the answer's part unused), positions, segment ids [B', L] and
+    turn ids [B', L] or None."""
 
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-    mask: int
-    eot: int
-    forbidden: tuple[int, ...]  # never predicted at a masked position
-    eos: int = -1  # ends an answer too; forbidden unless `allow_eos`
-
-    @classmethod
-    def from_tokenizer(cls, tok) -> SpecialIds:
-        ids = tok.special_ids
-        return cls(ids["mask"], ids["eot"], tuple(ids[name] for name in FORBIDDEN), ids["eos"])
-
-    def forbidden_for(self, options: SamplerOptions) -> tuple[int, ...]:
-        if options.allow_eos:
-            return tuple(i for i in self.forbidden if i != self.eos)
-        return self.forbidden
-
-
-def num_transfer_tokens(masked_count: jax.Array, steps: int) -> jax.Array:
-    """[B] masked positions of a block -> [B, steps] commits per step, remainder first."""
-    base, rem = masked_count // steps, masked_count % steps
-    return base[:, None] + (jnp.arange(steps)[None] < rem[:, None]).astype(jnp.int32)
-
-
-def row_keys(rng: jax.Array, rows: int) -> jax.Array:
-    """[rows] random keys: `rng` itself if it is one key per row already, else one key folded
-    with each row's index. Every draw of a row comes from its own key, so a row samples the
-    same whatever else is in its batch (the server's batches, `Model.generate_batch`)."""
-    if rng.ndim:
-        if rng.shape != (rows,):
-            raise ValueError(f"rng: one key or {rows} (one per row), got shape {rng.shape}")
-        return rng
-    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(rows))
-
-
-def fold_rows(keys: jax.Array, data) -> jax.Array:
-    """Each row's key folded with the same `data` (a block or step index)."""
-    return jax.vmap(jax.random.fold_in, (0, None))(keys, data)
-
-
-def uniform_rows(keys: jax.Array, shape: tuple[int, ...], minval: float = 0.0) -> jax.Array:
-    """[rows, *shape] uniform draws in [minval, 1), row i from keys[i]."""
-    return jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, minval=minval))(keys)
-
-
-def gumbel_argmax(logits: jax.Array, temperature: float, rng: jax.Array) -> jax.Array:
-    """LLaDA's sampling: argmax of exp(logits) / (-log u)^T (plain argmax at T = 0); logits
-    [B, ...], rng one key per row [B]."""
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1)
-    u = uniform_rows(rng, logits.shape[1:], minval=1e-20)
-    # Same argmax as exp(l) / g^T, in log space: no overflow in float32.
-    return jnp.argmax(logits - temperature * jnp.log(-jnp.log(u)), axis=-1)
-
-
-def select(confidence: jax.Array, k: jax.Array, threshold: float | None) -> jax.Array:
-    """Which positions to commit: the k most confident per row (k [B]); with a threshold,
-    the most confident one and every other above it. -inf never commits."""
-    order = jnp.argsort(-confidence, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1, stable=True)
-    finite = confidence > -jnp.inf
-    if threshold is None:
-        return finite & (rank < k[:, None])
-    return finite & ((rank == 0) | (confidence >= threshold))
-
-
-def rows_done(gen: jax.Array, ids: SpecialIds) -> jax.Array:
-    """[B]: an <|eot_id|> or EOS was committed and nothing before the first one is still
-    masked (EOS is only ever committed where `allow_eos` lets it)."""
-    is_end = (gen == ids.eot) | (gen == ids.eos)
-    first = jnp.argmax(is_end, axis=-1)
-    before = jnp.arange(gen.shape[1])[None] < first[:, None]
-    return jnp.any(is_end, axis=-1) & ~jnp.any(before & (gen == ids.mask), axis=-1)
-
-
-def end_last(confidence: jax.Array, x0: jax.Array, masked: jax.Array,
-             ids: SpecialIds) -> jax.Array:
-    """Under `allow_eos`: a position whose prediction is an end token (EOS, <|eot_id|>) with a
-    masked position before it in the block ranks below every other (confidence - 1, scores
-    being in [0, 1]), so the answer's length is settled after its content, where it ends. The
-    first masked position is never held back, so every step commits as many as it would.
-
-    Why: by confidence alone the far EOS go first, then the EOS right after the answer, whose
-    confidence is the model's belief in a short answer; the words were then chosen to fit
-    (BENCHMARKS.md, "Answer length")."""
-    is_end = (x0 == ids.eot) | (x0 == ids.eos)
-    pending = jnp.cumsum(masked, axis=-1) - masked > 0
-    return jnp.where(is_end & pending, confidence - 1.0, confidence)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Setup:
     options: SamplerOptions
     ids: SpecialIds
     prompt_len: int
+    prompt_embeds: jax.Array
+    positions: jax.Array
+    segments: jax.Array
+    turns: jax.Array | None
+
+    @property
+    def policy(self):
+        return POLICIES[self.options.cache]
+
+    def embeds(self, model, x: jax.Array) -> jax.Array:
+        """Embeddings of the sequence x [B', L]: the prompt's as computed once, the answer's
+        from its current tokens."""
+        is_prompt = (jnp.arange(x.shape[1]) < self.prompt_len)[None, :, None]
+        return jnp.where(is_prompt, self.prompt_embeds, model.llm.embed(x))
 
 
-def _block_logits(model, s: _Setup, embeds, positions, segments, turns, cache, b, x,
-                  fresh: bool):
-    """Logits [B, block, V] of block `b`: by a full pass (no cache, or a block's first step,
-    which also fills the cache) or by a cached pass over the block (dual) or block + suffix
-    (prefix; `b` is a Python int there). `turns`: turn ids [B, L], or None."""
-    o, p = s.options, s.prompt_len
+class _State(NamedTuple):
+    x: jax.Array  # [B', L] the sequence
+    cache: tuple[jax.Array, jax.Array] | None  # keys, values [layers, B', L, kv_heads, dim]
+    committed_at: jax.Array  # [B, gen_length]
+    step: jax.Array  # denoising steps so far
+    done: jax.Array  # [B]
+    refreshes: jax.Array  # full passes so far
+    reference: jax.Array | None  # the block's keys/values at the last full pass (drift)
+
+
+def _full_pass(model, s: _Setup, x, cache, start):
+    """Logits [B', block, V] of the block at `start` from the whole sequence; with a cache,
+    every position's keys/values are written into it."""
+    llm, o = model.llm, s.options
+    if cache is None:
+        h = llm.hidden_states(s.embeds(model, x), s.positions, s.segments, turn_ids=s.turns)
+    else:
+        h, cache = llm.cached_hidden_states(s.embeds(model, x), s.positions, s.segments, cache, 0,
+                                            s.segments, s.turns, s.turns)
+    return llm.logits(jax.lax.dynamic_slice_in_dim(h, start, o.block_length, axis=1)), cache
+
+
+def _cached_pass(model, s: _Setup, x, cache, start, back: int = 0):
+    """Logits of the block at `start` from a pass over the policy's chunk only (the block, or
+    the block and its suffix: `start` a Python int there), the rest read from the cache; the
+    cache with the chunk's fresh keys/values written in is returned too. `back` > 0: the chunk
+    starts that many positions earlier (the block before, `keeps_block`). Only the chunk is
+    embedded: it lies after the prompt, so it holds no image."""
+    llm, bl = model.llm, s.options.block_length
+    size = bl + back if s.policy.chunk == "block" else x.shape[1] - start
+    chunk = lambda a: jax.lax.dynamic_slice_in_dim(a, start - back, size, axis=1)
+    h, cache = llm.cached_hidden_states(
+        llm.embed(chunk(x)), chunk(s.positions), chunk(s.segments), cache, start - back,
+        s.segments, None if s.turns is None else chunk(s.turns), s.turns)
+    return llm.logits(h[:, back:back + bl]), cache
+
+
+def _block_logits(model, s: _Setup, st: _State, start, first_in_block, live):
+    """The block's logits by the policy's choice of pass; returns (logits, cache, full passes
+    run, reference). `live` [B', block]: the positions drift is measured on."""
+    pol, o = s.policy, s.options
+    if not pol.cached:
+        logits, _ = _full_pass(model, s, st.x, None, start)
+        return logits, None, jnp.int32(1), None
     bl = o.block_length
-    start = p + b * bl
-    llm = model.llm
-    if o.cache == "none" or fresh:
-        if o.cache == "none":
-            h = llm.hidden_states(embeds(x), positions, segments, turn_ids=turns)
+
+    def full(cache):
+        logits, cache = _full_pass(model, s, st.x, cache, start)
+        ref = block_kv(cache, start, bl) if pol.measures_drift else None
+        return logits, cache, jnp.int32(1), ref, jnp.float32(0)
+
+    def cached(cache):
+        if pol.keeps_block:  # a block's first step runs the block before it too: its last
+            # commits were never run through the model, and no full pass may have followed
+            after_one = first_in_block & (start > s.prompt_len)
+            logits, fresh = jax.lax.cond(
+                after_one, lambda c: _cached_pass(model, s, st.x, c, start, bl),
+                lambda c: _cached_pass(model, s, st.x, c, start), cache)
         else:
-            h, cache = llm.cached_hidden_states(embeds(x), positions, segments, cache, 0,
-                                                segments, turns, turns)
-        return llm.logits(jax.lax.dynamic_slice_in_dim(h, start, bl, axis=1)), cache
-    size = bl if o.cache == "dual" else x.shape[1] - start
-    chunk = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
-    h, _ = llm.cached_hidden_states(chunk(embeds(x)), chunk(positions), chunk(segments), cache,
-                                    start, segments, None if turns is None else chunk(turns),
-                                    turns)
-    return llm.logits(h[:, :bl]), cache
+            logits, fresh = _cached_pass(model, s, st.x, cache, start)
+        d = (drift(block_kv(fresh, start, bl), st.reference, live) if pol.measures_drift
+             else jnp.float32(0))
+        return logits, fresh if pol.keeps_block else cache, jnp.int32(0), st.reference, d
+
+    before = pol.refresh_before(st.step == 0, first_in_block)
+    logits, cache, n, ref, d = jax.lax.cond(before, full, cached, st.cache)
+    if pol.measures_drift:  # a stale cache: the step again, by a full pass
+        again = ~before & pol.refresh_after(d, o.refresh_threshold)
+        keep = lambda _: (logits, cache, n, ref, d)
+        logits, cache, n, ref, _ = jax.lax.cond(again, full, keep, st.cache)
+    return logits, cache, n, ref
 
 
-def _step(model, s: _Setup, embeds, positions, segments, turns, state, b, quota, fresh, rng):
-    """One denoising step of block `b`; state = (x, cache, committed_at, step, done)."""
+def _step(model, s: _Setup, st: _State, b, quota, first_in_block, rng) -> _State:
+    """One denoising step of block `b`."""
     o, ids = s.options, s.ids
-    x, cache, committed_at, step, done = state
     bl, start = o.block_length, s.prompt_len + b * o.block_length
-    logits, cache = _block_logits(model, s, embeds, positions, segments, turns, cache, b, x,
-                                  fresh)
+    n = st.done.shape[0]
+    masked_all = jax.lax.dynamic_slice_in_dim(st.x, start, bl, axis=1) == ids.mask
+    live = masked_all & jnp.tile(~st.done, st.x.shape[0] // n)[:, None]
+    logits, cache, full_passes, reference = _block_logits(model, s, st, start, first_in_block,
+                                                          live)
     logits = logits.astype(jnp.float32)
     if o.cfg_scale > 0:  # rows are [conditional; unconditional]
         cond, uncond = jnp.split(logits, 2)
         logits = uncond + (o.cfg_scale + 1.0) * (cond - uncond)
     logits = logits.at[..., jnp.array(ids.forbidden_for(o))].set(-jnp.inf)
-    n = logits.shape[0]
+    x = st.x
     xb = jax.lax.dynamic_slice_in_dim(x[:n], start, bl, axis=1)
     masked = xb == ids.mask
     noise_rng, rank_rng = fold_rows(rng, 0), fold_rows(rng, 1)
@@ -258,33 +174,35 @@ def _step(model, s: _Setup, embeds, positions, segments, turns, state, b, quota,
     confidence = jnp.where(masked, score, -jnp.inf)
     if o.allow_eos:  # an end token waits until nothing before it is masked (end_last)
         confidence = end_last(confidence, x0, masked, ids)
-    commit = select(confidence, quota, o.threshold) & masked & ~done[:, None]
+    commit = select(confidence, quota, o.threshold) & masked & ~st.done[:, None]
     xb = jnp.where(commit, x0, xb)
-    at = jax.lax.dynamic_slice_in_dim(committed_at, b * bl, bl, axis=1)
+    at = jax.lax.dynamic_slice_in_dim(st.committed_at, b * bl, bl, axis=1)
     committed_at = jax.lax.dynamic_update_slice_in_dim(
-        committed_at, jnp.where(commit, step, at), b * bl, axis=1)
+        st.committed_at, jnp.where(commit, st.step, at), b * bl, axis=1)
     # The unconditional rows (CFG) get the same answer tokens: only their prompt is masked.
     xb = jnp.concatenate([xb, xb]) if o.cfg_scale > 0 else xb
     x = jax.lax.dynamic_update_slice_in_dim(x, xb, start, axis=1)
-    done = done | rows_done(x[:n, s.prompt_len:], ids)
-    return x, cache, committed_at, step + 1, done
+    done = st.done | rows_done(x[:n, s.prompt_len:], ids)
+    return _State(x, cache, committed_at, st.step + 1, done, st.refreshes + full_passes,
+                  reference)
 
 
-def _decode_block(model, s, embeds, positions, segments, turns, state, b, rng):
-    o, ids = s.options, s.ids
+def _decode_block(model, s: _Setup, st: _State, b, rng) -> _State:
+    o, ids, pol = s.options, s.ids, s.policy
     spb = o.steps // o.num_blocks
     bl, start = o.block_length, s.prompt_len + b * o.block_length
-    x = state[0]
-    n = state[4].shape[0]
-    masked_count = jnp.sum(jax.lax.dynamic_slice_in_dim(x[:n], start, bl, axis=1) == ids.mask,
+    n = st.done.shape[0]
+    masked_count = jnp.sum(jax.lax.dynamic_slice_in_dim(st.x[:n], start, bl, axis=1) == ids.mask,
                            axis=1)
     quotas = num_transfer_tokens(masked_count, spb)
     # With a threshold, steps continue until the block is decoded (at least one per step).
     limit = bl if o.threshold is not None else spb
+    if pol.measures_drift:  # the block's keys/values as the last full pass left them
+        st = st._replace(reference=block_kv(st.cache, start, bl))
 
     def block_left(st):
-        xb = jax.lax.dynamic_slice_in_dim(st[0][:n], start, bl, axis=1)
-        return jnp.any((xb == ids.mask) & ~st[4][:, None])
+        xb = jax.lax.dynamic_slice_in_dim(st.x[:n], start, bl, axis=1)
+        return jnp.any((xb == ids.mask) & ~st.done[:, None])
 
     def cond(carry):
         i, st = carry
@@ -293,18 +211,54 @@ def _decode_block(model, s, embeds, positions, segments, turns, state, b, rng):
     def body(carry):
         i, st = carry
         quota = quotas[:, jnp.minimum(i, spb - 1)]
-        fresh = i == 0
-        k = fold_rows(rng, i)
-        if o.cache == "none":
-            st = _step(model, s, embeds, positions, segments, turns, st, b, quota, False, k)
-        else:  # the block's first step refreshes the cache with a full pass
-            run = lambda t, full: _step(model, s, embeds, positions, segments, turns, t, b,
-                                        quota, full, k)
-            st = jax.lax.cond(fresh, lambda t: run(t, True), lambda t: run(t, False), st)
-        return i + 1, st
+        return i + 1, _step(model, s, st, b, quota, i == 0, fold_rows(rng, i))
 
-    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-    return state
+    _, st = jax.lax.while_loop(cond, body, (jnp.int32(0), st))
+    return st
+
+
+def batch_sizes(rows: int) -> tuple[int, ...]:
+    """The sizes a batch of `rows` shrinks through (`shrink_batch`), ascending: its halves,
+    rounded up, down to 1."""
+    sizes = [rows]
+    while sizes[-1] > 1:
+        sizes.append(-(-sizes[-1] // 2))
+    return tuple(sorted(set(sizes)))
+
+
+def _on_live_rows(model, s: _Setup, st: _State, b, keys) -> _State:
+    """`_decode_block` on the rows still decoding only: gathered, with as many finished rows
+    as fill the smallest of `batch_sizes` that holds them, then scattered back."""
+    rows = st.done.shape[0]
+    sizes = batch_sizes(rows)
+    order = jnp.argsort(st.done, stable=True)  # the rows still decoding first
+    branch = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(~st.done))
+
+    def on(k: int) -> Callable:
+        def run(st: _State) -> _State:
+            if k == rows:
+                return _decode_block(model, s, st, b, keys)
+            idx = order[:k]
+            take = lambda a, axis: None if a is None else jnp.take(a, idx, axis=axis)
+            sub_s = s._replace(prompt_embeds=take(s.prompt_embeds, 0),
+                               positions=take(s.positions, 0), segments=take(s.segments, 0),
+                               turns=take(s.turns, 0))
+            cache = None if st.cache is None else tuple(take(c, 1) for c in st.cache)
+            sub = _State(take(st.x, 0), cache, take(st.committed_at, 0), st.step,
+                         take(st.done, 0), st.refreshes, take(st.reference, 2))
+            out = _decode_block(model, sub_s, sub, b, take(keys, 0))
+
+            def put(full, part, axis):
+                return None if full is None else full.at[(slice(None),) * axis + (idx,)].set(part)
+
+            cache = None if st.cache is None else tuple(
+                put(f, c, 1) for f, c in zip(st.cache, out.cache, strict=True))
+            return _State(put(st.x, out.x, 0), cache, put(st.committed_at, out.committed_at, 0),
+                          out.step, put(st.done, out.done, 0), out.refreshes,
+                          put(st.reference, out.reference, 2))
+        return run
+
+    return jax.lax.switch(branch, [on(k) for k in sizes], st)
 
 
 def generate(
@@ -322,15 +276,14 @@ def generate(
     `visual_pos` within the prompt) and
     `turn_ids` [B, P] (left padding 0; the answer takes each row's last turn).
     Returns `tokens` [B, gen_length] (masks left where a row stopped early), `committed_at`
-    [B, gen_length] (the step that committed each token; -1 never) and `steps` (denoising
-    steps run). `on_block(b, tokens)` is called on the host after every block. `rng`: one
-    key, or one per row ([B]: `row_keys`).
+    [B, gen_length] (the step that committed each token; -1 never), `steps` (denoising
+    steps run) and `refreshes` (full passes run). `on_block(b, tokens)` is called on the host
+    after every block decoded. `rng`: one key, or one per row ([B]: `row_keys`).
     """
     o = options
     tokens, valid = prompt["tokens"], prompt["valid"].astype(bool)
     b, p = tokens.shape
     rng = row_keys(rng, b)
-    s = _Setup(o, ids, p)
     x = jnp.concatenate([tokens, jnp.full((b, o.gen_length), ids.mask, tokens.dtype)], axis=1)
     segments = jnp.concatenate([valid, jnp.ones((b, o.gen_length), bool)], 1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
@@ -343,30 +296,32 @@ def generate(
         prompt_embeds = jnp.concatenate([prompt_embeds, uncond])
         x, segments, positions = (jnp.concatenate([a, a]) for a in (x, segments, positions))
         turns = None if turns is None else jnp.concatenate([turns, turns])
-    is_prompt = (jnp.arange(x.shape[1]) < p)[None, :, None]
-
-    def embeds(xs):
-        return jnp.where(is_prompt, prompt_embeds, model.llm.embed(xs))
-
-    cache = None if o.cache == "none" else model.llm.init_cache(x.shape[0], x.shape[1],
-                                                                prompt_embeds.dtype)
-    committed_at = jnp.full((b, o.gen_length), -1, jnp.int32)
-    state = (x, cache, committed_at, jnp.int32(0), jnp.zeros((b,), bool))
+    s = _Setup(o, ids, p, prompt_embeds, positions, segments, turns)
+    cache = (model.llm.init_cache(x.shape[0], x.shape[1], prompt_embeds.dtype)
+             if s.policy.cached else None)
+    reference = (jnp.zeros((2, *cache[0].shape[:2], o.block_length, *cache[0].shape[3:]),
+                           cache[0].dtype) if s.policy.measures_drift else None)
+    state = _State(x, cache, jnp.full((b, o.gen_length), -1, jnp.int32), jnp.int32(0),
+                   jnp.zeros((b,), bool), jnp.int32(0), reference)
 
     def run(blk, st):
-        st = _decode_block(model, s, embeds, positions, segments, turns, st, blk,
-                           fold_rows(rng, blk))
+        if o.shrink_batch and b > 1 and o.cfg_scale == 0:
+            st = _on_live_rows(model, s, st, blk, fold_rows(rng, blk))
+        else:
+            st = _decode_block(model, s, st, blk, fold_rows(rng, blk))
         if on_block is not None:
-            io_callback(on_block, None, blk, st[0][:b, p:], ordered=True)
+            io_callback(on_block, None, blk, st.x[:b, p:], ordered=True)
         return st
 
     if o.cache == "prefix":  # the chunk shrinks block by block: unrolled, static shapes
         for blk in range(o.num_blocks):
             state = run(blk, state)
-    else:
-        state = jax.lax.fori_loop(0, o.num_blocks, run, state)
-    x, _, committed_at, steps, _ = state
-    return {"tokens": x[:b, p:], "committed_at": committed_at, "steps": steps}
+    else:  # blocks until every row is done
+        _, state = jax.lax.while_loop(
+            lambda c: (c[0] < o.num_blocks) & ~jnp.all(c[1].done),
+            lambda c: (c[0] + 1, run(c[0], c[1])), (jnp.int32(0), state))
+    return {"tokens": state.x[:b, p:], "committed_at": state.committed_at, "steps": state.step,
+            "refreshes": state.refreshes}
 
 
 def answer_turns(prompt_turns: jax.Array, gen_length: int) -> jax.Array:

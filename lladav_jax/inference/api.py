@@ -40,7 +40,8 @@ from lladav_jax.data.image import ProcessedImage
 from lladav_jax.data.layout import collate_visual
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT, Turn, encode_chat_prompt
 from lladav_jax.data.tokenizer import Tokenizer
-from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds, compiled_generate
+from lladav_jax.diffusion.options import SamplerOptions, SpecialIds
+from lladav_jax.diffusion.sampler import compiled_generate
 from lladav_jax.inference import features
 from lladav_jax.inference.media import Video, Visual, process_visual
 from lladav_jax.models import lladav
@@ -63,6 +64,7 @@ class Generation:
     tokens: np.ndarray  # [gen_length] every generated position (mask id where it stopped early)
     committed_at: np.ndarray  # [gen_length] the step that committed each token, -1 never
     steps: int  # denoising steps the batch ran
+    refreshes: int  # full passes over the whole sequence among them (sampler.generate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +262,7 @@ class Model:
                rows: int | None = None, prompt_len: int | None = None, visual: bool = False,
                on_block: Callable[[list[BlockDone]], Any] | None = None) -> list[Generation]:
         """Answers for prepared prompts, decoded as one batch. `rng`: one key, or one per row
-        (then each answer is the same in any batch: `sampler.row_keys`). `rows`, `prompt_len`,
+        (then each answer is the same in any batch: `unmasking.row_keys`). `rows`, `prompt_len`,
         `visual`: a fixed batch shape (`_collate`). `on_block(blocks)` gets one BlockDone per
         prompt after every block."""
         prompts = list(prompts)
@@ -279,11 +281,9 @@ class Model:
             finally:
                 self._listener = None
         tokens, committed_at = np.asarray(out["tokens"])[:n], np.asarray(out["committed_at"])[:n]
-        results = []
-        for row, at in zip(tokens, committed_at, strict=True):
-            text, ids = self.answer(row)
-            results.append(Generation(text, ids, row, at, int(out["steps"])))
-        return results
+        counts = int(out["steps"]), int(out["refreshes"])
+        return [Generation(*self.answer(row), row, at, *counts)
+                for row, at in zip(tokens, committed_at, strict=True)]
 
     def generate_batch(
         self,
@@ -301,7 +301,7 @@ class Model:
         `options`: the sampler's, named as `SamplerOptions`' fields (gen_length, steps, cache,
         threshold, ...); those not given take its defaults. `on_block(blocks)` gets one
         BlockDone per item after every block (for streaming). Row i draws its random numbers
-        from `seed` folded with i (`sampler.row_keys`).
+        from `seed` folded with i (`unmasking.row_keys`).
         """
         try:
             opts = self.options(**options)  # checked first

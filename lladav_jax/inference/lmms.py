@@ -10,8 +10,9 @@ as the official adapter does (docs/design.md §5.6), in batches:
   arguments: `gen_length`, `block_length` and `gen_steps` (or `steps`) with the official defaults
   of 2, `remasking` (low_confidence), `cfg` (0), `temperature` (0), `think_mode` (`think` or
   `no_think`: " /think" or " /no_think" after a question that shows a visual), and ours:
-  `cache`, `threshold`, `allow_eos`. Other keys (HF's `max_new_tokens`, `top_p`, `until`, ...)
-  mean nothing to a diffusion sampler and are ignored, logged once;
+  `cache`, `threshold`, `refresh_threshold`, `shrink_batch`, `allow_eos`. Other keys (HF's
+  `max_new_tokens`, `top_p`, `until`, ...) mean nothing to a diffusion sampler and are
+  ignored, logged once;
 - `stopping_criteria` cuts an answer at the first of its strings; an answer loses one trailing
   "." and surrounding white space;
 - a visual is a PIL image, or a video as a path (lmms-eval's convention), read as
@@ -41,7 +42,7 @@ from PIL import Image
 from lladav_jax.inference.lmms_task import OFFICIAL_NAMES
 
 if TYPE_CHECKING:
-    from lladav_jax.diffusion.sampler import SamplerOptions
+    from lladav_jax.diffusion.options import SamplerOptions
     from lladav_jax.inference.media import Visual
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ OFFICIAL_DEFAULTS = dict(gen_length=2, block_length=2, steps=2, remasking="low_c
 # Generation keys of the official adapter and lmms-eval, by the sampler option each sets.
 RENAMED = {official: ours for ours, official in OFFICIAL_NAMES.items()}
 SAMPLER_KEYS = ("gen_length", "block_length", "steps", "remasking", "cfg_scale", "temperature",
-                "cache", "threshold", "allow_eos")
+                "cache", "threshold", "refresh_threshold", "shrink_batch", "allow_eos")
 THINK_MODES = ("think", "no_think")
 LOAD_KEYS = ("quantize", "quantize_tile", "quantize_vision")
 

@@ -71,6 +71,20 @@ def exact_match(prediction: str, answer: str | list[str]) -> bool:
     return any(normalize(prediction) == normalize(a) for a in _accepted(answer))
 
 
+def word_accuracy(prediction: str, answer: str | list[str]) -> float:
+    """Partial credit for a long answer: the words (normalised) equal to the answer's at the
+    same place, over the longer of the two (an extra or missing word counts against it); the
+    best over a list of answers. 1.0 exactly when `exact_match` holds."""
+    said = normalize(prediction).split()
+    best = 0.0
+    for a in _accepted(answer):
+        want = normalize(a).split()
+        longer = max(len(said), len(want))
+        right = sum(p == w for p, w in zip(said, want))
+        best = max(best, right / longer if longer else 1.0)
+    return best
+
+
 def _to_float(text: str) -> float | None:
     text = text.strip().rstrip(".").replace(",", "").replace("$", "")
     try:

@@ -70,26 +70,37 @@ def _tile_mask(qs: jax.Array, qt: jax.Array, ks: jax.Array, kt: jax.Array) -> ja
     return conversation_mask(qs, ks, qt, kt)[:, :, None]
 
 
+def _scaled(qb: jax.Array) -> jax.Array:
+    """Queries times 1/sqrt(D): the logits' scale applied once per query, not per tile."""
+    return qb * jnp.asarray(1.0 / math.sqrt(qb.shape[-1]), qb.dtype)
+
+
 def _logits(qb: jax.Array, kb: jax.Array, mask: jax.Array) -> jax.Array:
-    """A tile's masked float32 logits [B, Hkv, G, bq, bk]."""
-    scale = 1.0 / math.sqrt(qb.shape[-1])
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kb, preferred_element_type=jnp.float32) * scale
+    """A tile's masked float32 logits [B, Hkv, G, bq, bk] of scaled queries (`_scaled`)."""
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kb, preferred_element_type=jnp.float32)
     return jnp.where(mask, s, _NEG)
+
+
+def _finite(m: jax.Array) -> jax.Array:
+    """A row maximum (or log-sum-exp) to subtract before exp: itself, or 0 for a row that has
+    seen nothing (_NEG), so that exp(_NEG - it) is 0 and masked logits need no second mask."""
+    return jnp.where(m > _NEG / 2, m, 0.0)
 
 
 def _forward_block(qb, qs, qt, kb, vb, ks, kt):
     """One query block against every key block: (output [B, Hkv, G, bq, D] float32, log-sum-exp
     [B, Hkv, G, bq]; a row that sees nothing has output 0 and log-sum-exp _NEG)."""
     shape = qb.shape[:-1]
+    qb = _scaled(qb)
 
     def step(carry, key_block):
         m, norm, o = carry
         kj, vj, ksj, ktj = key_block
-        mask = _tile_mask(qs, qt, ksj, ktj)
-        s = _logits(qb, kj, mask)
+        s = _logits(qb, kj, _tile_mask(qs, qt, ksj, ktj))
         m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        fade = jnp.exp(m - m_new)
+        shift = _finite(m_new)
+        p = jnp.exp(s - shift[..., None])
+        fade = jnp.exp(m - shift)
         o = o * fade[..., None] + jnp.einsum("bhgqk,bhkd->bhgqd", p, vj.astype(jnp.float32))
         return (m_new, norm * fade + p.sum(-1), o), None
 
@@ -129,11 +140,11 @@ def _attend_bwd(res, d_out):
 
     def query_block(dkv, xs):
         qi, qsi, qti, doi, lsei, di = xs
+        q_scaled, lse_finite = _scaled(qi), _finite(lsei)[..., None]
 
         def key_block(dq, ys):
             kj, vj, ksj, ktj = ys
-            mask = _tile_mask(qsi, qti, ksj, ktj)
-            p = jnp.where(mask, jnp.exp(_logits(qi, kj, mask) - lsei[..., None]), 0.0)
+            p = jnp.exp(_logits(q_scaled, kj, _tile_mask(qsi, qti, ksj, ktj)) - lse_finite)
             dv = jnp.einsum("bhgqk,bhgqd->bhkd", p, f32(doi))
             dp = jnp.einsum("bhgqd,bhkd->bhgqk", f32(doi), f32(vj))
             ds = p * (dp - di[..., None]) * scale

@@ -193,6 +193,7 @@ def _compile_sampler(config: ml_collections.ConfigDict, mesh: Mesh, spec: Sample
 
     from lladav_jax.data.layout import collate_visual
     from lladav_jax.diffusion import sampler
+    from lladav_jax.diffusion.options import SamplerOptions, SpecialIds
     from lladav_jax.models import lladav
     from lladav_jax.scale import sharding
 
@@ -202,9 +203,9 @@ def _compile_sampler(config: ml_collections.ConfigDict, mesh: Mesh, spec: Sample
     state = sharding.abstract_with_shardings(state, sharding.state_shardings(state, mesh, rules))
     sharding.check_divisible(state)
     prompt_len = spec.prompt_len or int(model.image.max_visual_tokens) + 128
-    options = sampler.SamplerOptions(gen_length=spec.gen_length, steps=spec.gen_length,
-                                     block_length=spec.block_length, cache=spec.cache)
-    ids = sampler.SpecialIds.from_tokenizer(tokenizer)
+    options = SamplerOptions(gen_length=spec.gen_length, steps=spec.gen_length,
+                             block_length=spec.block_length, cache=spec.cache)
+    ids = SpecialIds.from_tokenizer(tokenizer)
     replicated = NamedSharding(mesh, PartitionSpec())
     one = collate_visual([[]], model, prompt_len + spec.gen_length)
     prompt = {"tokens": np.zeros((spec.batch, prompt_len), np.int32),

@@ -10,7 +10,7 @@ one, each within `gap_s` of the one before or while others are still being read 
 or that fill `max_batch`, are one batch, padded to the smallest compiled number of rows and
 prompt length that hold them, so no request compiles anything when it uses the warmed-up
 options (`compiles_after_warm_up` counts XLA compiles, from JAX's monitoring events). Every
-row draws its random numbers from its own request's seed (`sampler.row_keys`) and prompts are
+row draws its random numbers from its own request's seed (`unmasking.row_keys`) and prompts are
 left-padded with positions counted from their first token: an answer is the same in any batch.
 
 A row whose answer has ended is delivered at the end of that block, not the batch's. A job
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from lladav_jax.diffusion.sampler import SamplerOptions
+from lladav_jax.diffusion.options import SamplerOptions
 from lladav_jax.inference.api import PROMPT_BUCKET, BlockDone, Model, PreparedPrompt
 
 log = logging.getLogger("lladav.serve")
@@ -277,6 +277,6 @@ def _keys(seeds: jax.Array) -> jax.Array:
 
 def keys(seeds: Sequence[int]) -> jax.Array:
     """One random key per row: seed s gives the key that `Model.generate(seed=s)` gives its
-    only row (`sampler.row_keys`), so a request answers as it would alone. One compiled call
+    only row (`unmasking.row_keys`), so a request answers as it would alone. One compiled call
     per number of rows (the warm-up's)."""
     return _keys(np.asarray(seeds, np.uint32))

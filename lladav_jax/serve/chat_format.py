@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lladav_jax.data.template import IMAGE_TAG
-from lladav_jax.diffusion.sampler import SamplerOptions
+from lladav_jax.diffusion.options import SamplerOptions
 
 ROLES = {"user": "human", "assistant": "gpt"}
 # OpenAI fields we take, beside the sampler's options (extra body fields).

@@ -22,7 +22,7 @@ from lladav_jax.data import pipeline
 from lladav_jax.data.example import Skip
 from lladav_jax.data.synthetic import chance_accuracy
 from lladav_jax.data.tokenizer import Tokenizer
-from lladav_jax.diffusion.sampler import SamplerOptions
+from lladav_jax.diffusion.options import SamplerOptions
 from lladav_jax.inference import api
 from lladav_jax.inference.scoring import exact_match
 from lladav_jax.train.inputs import make_featurizer

@@ -172,3 +172,28 @@ def test_write_llava_json(tmp_path, name):
         assert (tmp_path / "images" / row["image"]).read_bytes() == mem["images"][0]
         from_disk = feat({**row, "images": [str(tmp_path / "images" / row["image"])]})
         np.testing.assert_array_equal(from_disk.tokens, feat(mem).tokens)
+
+
+def test_describe_names_every_shape_in_reading_order():
+    """`describe`: 2, 3, 4 shapes in turn, one per quadrant; the answer names them in reading
+    order, and the k-th named color is drawn in the k-th occupied quadrant."""
+    src = SyntheticSource(12, split="test", kind="describe")
+    tok = load_demo_tokenizer()
+    for i in range(len(src)):
+        s = src[i]
+        parts = s["answer"].split(" and ")
+        assert len(parts) == i % 3 + 2 and s["question_type"] == "describe"
+        assert len(tok.encode(s["answer"])) == 4 * len(parts) - 1  # 7, 11, 15 tokens
+        px = decode(s).astype(int)
+        h, w, _ = px.shape
+        drawn = []  # the colors present in each quadrant, reading order
+        for cy, cx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            cell = px[cy * h // 2:(cy + 1) * h // 2, cx * w // 2:(cx + 1) * w // 2]
+            here = [c for c, rgb in COLORS.items()
+                    if (np.abs(cell - np.array(rgb)).sum(-1) == 0).sum() > 10]
+            assert len(here) <= 1
+            drawn += here
+        assert drawn == [p.split()[1] for p in parts], (i, s["answer"])
+        assert all(p.split()[2] in synthetic.SHAPES for p in parts)
+    assert src.header(3) == {k: v for k, v in src[3].items() if k != "images"} | {
+        "_image_sizes": [list(decode(src[3]).shape[1::-1])]}

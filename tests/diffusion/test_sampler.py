@@ -26,8 +26,8 @@ from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.data.image import process_image
 from lladav_jax.data.layout import collate_visual
 from lladav_jax.data.template import encode_prompt
-from lladav_jax.diffusion import sampler
-from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds
+from lladav_jax.diffusion import sampler, unmasking
+from lladav_jax.diffusion.options import CACHES, SamplerOptions, SpecialIds
 from lladav_jax.models import hf_params, lladav, variants
 from tests.close import assert_close
 
@@ -131,7 +131,7 @@ def run(world, model: str, prompt=None, seed: int = 0, **options) -> dict:
 
 
 def stopped(tokens: np.ndarray, ids: SpecialIds) -> np.ndarray:
-    return np.asarray(sampler.rows_done(jnp.asarray(tokens), ids))
+    return np.asarray(unmasking.rows_done(jnp.asarray(tokens), ids))
 
 
 def check_valid(out: dict, ids: SpecialIds, vocab: int) -> None:
@@ -225,7 +225,7 @@ def test_batch_equals_each_prompt_alone(world, model, options):
 
 def test_num_transfer_tokens_remainder_first():
     counts = np.array([10, 7, 3, 0, 8])
-    got = np.asarray(sampler.num_transfer_tokens(jnp.asarray(counts), 4))
+    got = np.asarray(unmasking.num_transfer_tokens(jnp.asarray(counts), 4))
     np.testing.assert_array_equal(
         got, [[3, 3, 2, 2], [2, 2, 2, 1], [1, 1, 1, 0], [0, 0, 0, 0], [2, 2, 2, 2]])
     np.testing.assert_array_equal(got.sum(1), counts)
@@ -241,14 +241,14 @@ def test_select_top_k_and_threshold():
         [inf, inf, inf, inf, inf],  # nothing masked: nothing committed
         [0.95, 0.2, 0.91, 0.9, inf],
     ])
-    got = np.asarray(sampler.select(conf, jnp.array([2, 2, 3, 1]), None))
+    got = np.asarray(unmasking.select(conf, jnp.array([2, 2, 3, 1]), None))
     np.testing.assert_array_equal(got, [
         [0, 1, 0, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
     # k beyond the finite entries commits only those.
-    got = np.asarray(sampler.select(conf, jnp.array([5, 5, 5, 5]), None))
+    got = np.asarray(unmasking.select(conf, jnp.array([5, 5, 5, 5]), None))
     np.testing.assert_array_equal(got, np.isfinite(np.asarray(conf)))
     # Threshold: every position at or above it, and the most confident one in any case.
-    got = np.asarray(sampler.select(conf, jnp.zeros(4, jnp.int32), 0.9))
+    got = np.asarray(unmasking.select(conf, jnp.zeros(4, jnp.int32), 0.9))
     np.testing.assert_array_equal(got, [
         [0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 1, 1, 0]])
 
@@ -263,7 +263,7 @@ def test_rows_done():
         [3, 4, 7, 9, 7, 9],  # a mask between two eots counts as after the first
         [9, 9, 9, 9, 9, 7],  # eot last, everything before still masked
     ])
-    np.testing.assert_array_equal(np.asarray(sampler.rows_done(gen, ids)),
+    np.testing.assert_array_equal(np.asarray(unmasking.rows_done(gen, ids)),
                                   [False, False, True, True, True, False])
 
 
@@ -271,7 +271,7 @@ def test_rows_done_at_eos():
     """EOS ends a row like <|eot_id|> (it is only ever committed under allow_eos)."""
     ids = SpecialIds(mask=9, eot=7, forbidden=(1, 2, 8), eos=8)
     gen = jnp.array([[3, 8, 9, 9], [9, 8, 8, 8], [3, 4, 8, 7]])
-    np.testing.assert_array_equal(np.asarray(sampler.rows_done(gen, ids)), [True, False, True])
+    np.testing.assert_array_equal(np.asarray(unmasking.rows_done(gen, ids)), [True, False, True])
     assert ids.forbidden_for(SamplerOptions()) == (1, 2, 8)
     assert ids.forbidden_for(SamplerOptions(allow_eos=True)) == (1, 2)
 
@@ -283,11 +283,11 @@ def test_end_last():
     conf = jnp.array([[0.5, 0.9, 0.99, 0.6], [-jnp.inf, 0.8, 0.3, 0.95]])
     x0 = jnp.array([[3, 4, 8, 7], [5, 7, 4, 8]])
     masked = jnp.array([[True, True, True, True], [False, True, True, True]])
-    got = np.asarray(sampler.end_last(conf, x0, masked, ids))
+    got = np.asarray(unmasking.end_last(conf, x0, masked, ids))
     np.testing.assert_allclose(got, [[0.5, 0.9, -0.01, -0.4], [-np.inf, 0.8, 0.3, -0.05]],
                                atol=1e-6)
     # One commit a step: the row is spelt left to right where the ends would have gone first.
-    picked = np.asarray(sampler.select(jnp.asarray(got), jnp.ones(2, jnp.int32), None))
+    picked = np.asarray(unmasking.select(jnp.asarray(got), jnp.ones(2, jnp.int32), None))
     np.testing.assert_array_equal(picked, [[0, 1, 0, 0], [0, 1, 0, 0]])
 
 
@@ -366,7 +366,7 @@ def test_cache_modes_and_threshold(world):
     several tokens per step on a confident model."""
     ids, vocab = world["ids"], world["cfg"].text.vocab_size
     options = {k: v for k, v in FAST.items() if k not in ("cache", "threshold")}
-    outs = {c: run(world, "sharp", cache=c, **options) for c in sampler.CACHES}
+    outs = {c: run(world, "sharp", cache=c, **options) for c in CACHES}
     for cache, out in outs.items():
         check_valid(out, ids, vocab)
         assert not stopped(out["tokens"], ids).any(), cache  # no eot stop here: all decoded

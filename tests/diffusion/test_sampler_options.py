@@ -3,7 +3,7 @@ Model.generate all build one), each out-of-range option named with its range."""
 
 import pytest
 
-from lladav_jax.diffusion.sampler import SamplerOptions
+from lladav_jax.diffusion.options import SamplerOptions
 
 
 @pytest.mark.parametrize(("options", "words"), [

@@ -23,7 +23,7 @@ from lladav_jax.cli import generate
 from lladav_jax.data import synthetic
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.data.template import DEFAULT_SYSTEM_PROMPT
-from lladav_jax.diffusion.sampler import SamplerOptions
+from lladav_jax.diffusion.options import SamplerOptions
 from lladav_jax.inference import api, scoring
 from lladav_jax.inference.visualize import denoising_order_png
 from lladav_jax.models import lladav, variants

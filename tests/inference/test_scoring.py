@@ -102,3 +102,18 @@ def test_lettered_choices_are_not_lettered_twice():
     row = {"question": "Q?", "choices": lettered[:3], "answer": "green"}
     assert scoring.score(row, "green", "exact")["letter"] == "B"
     assert scoring.score(row, "B", "exact")["correct"]
+
+
+def test_word_accuracy():
+    """Words right at their place over the longer of the two; 1.0 exactly on an exact match."""
+    answer = "a red circle and a blue square"
+    assert scoring.word_accuracy("A red circle, and a blue square.", answer) == 1.0
+    assert scoring.word_accuracy("a red square and a blue square", answer) == pytest.approx(6 / 7)
+    assert scoring.word_accuracy("a red circle", answer) == pytest.approx(3 / 7)
+    assert scoring.word_accuracy(answer + " and a green circle", answer) == pytest.approx(7 / 11)
+    assert scoring.word_accuracy("red circle and a blue square", answer) == pytest.approx(0 / 7)
+    assert scoring.word_accuracy("", answer) == 0.0
+    assert scoring.word_accuracy("yes", ["no", "yes"]) == 1.0
+    for prediction in ("a red circle", "a red circles", ""):
+        exact = scoring.exact_match(prediction, answer)
+        assert (scoring.word_accuracy(prediction, answer) == 1.0) == exact

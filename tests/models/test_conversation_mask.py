@@ -15,7 +15,7 @@ from flax import nnx
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.data.template import encode_chat_prompt, llava_llada
 from lladav_jax.diffusion import sampler
-from lladav_jax.diffusion.sampler import SamplerOptions, SpecialIds
+from lladav_jax.diffusion.options import SamplerOptions, SpecialIds
 from lladav_jax.inference import api
 from lladav_jax.models import attention as attn
 from lladav_jax.models import lladav, variants
