@@ -56,7 +56,7 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float,
                    help="parallel decoding: commit every token above this confidence")
     p.add_argument("--refresh_threshold", type=float,
-                   help="--cache adaptive: refresh the cache when its drift passes this "
+                   help="--cache adaptive: refresh the cache when its drift reaches this "
                    f"(default {d['refresh_threshold']:g})")
     p.add_argument("--shrink_batch", action=argparse.BooleanOptionalAction,
                    help="between blocks, finished rows leave the batch (a block program "
