@@ -34,13 +34,9 @@ import time
 
 import jax
 import numpy as np
-from jax_step import JaxStep, make_batch  # benchmarks/jax_step.py
-from PIL import Image
+from jax_step import JaxStep, image_prompt, make_batch  # benchmarks/jax_step.py
 
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
-from lladav_jax.data.image import process_image
-from lladav_jax.data.layout import collate_visual
-from lladav_jax.data.template import encode_prompt
 from lladav_jax.diffusion import sampler
 from lladav_jax.diffusion.options import SamplerOptions, SpecialIds
 from lladav_jax.models import flops, lladav, variants
@@ -66,20 +62,13 @@ def sampler_model(variant: str, sharpen: float):
     return cfg, model
 
 
-def sampler_prompt(cfg, size: int) -> tuple[dict, int]:
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8))
-    img = process_image(image, cfg)
-    tokens, starts = encode_prompt(load_demo_tokenizer(), "What is in the image?",
-                                   [img.layout.num_tokens])
-    tokens = np.asarray(tokens, np.int32)[None]
-    visual = collate_visual([[(img, starts[0])]], cfg, tokens.shape[1])
-    return dict(tokens=tokens, valid=np.ones_like(tokens, bool), **visual), img.layout.num_tokens
-
-
 def bench_sampler(s: dict, threshold: float, repeats: int, sharpen: float) -> dict:
     cfg, model = sampler_model(s["sampler_variant"], sharpen)
-    prompt, visual = sampler_prompt(cfg, s["image_size"])
-    ids = dataclasses.replace(SpecialIds.from_tokenizer(load_demo_tokenizer()), eot=-1)
+    tok = load_demo_tokenizer()
+    img, tokens, _, visual_inputs = image_prompt(cfg, tok, s["image_size"])
+    prompt = dict(tokens=tokens, valid=np.ones_like(tokens, bool), **visual_inputs)
+    visual = img.layout.num_tokens
+    ids = dataclasses.replace(SpecialIds.from_tokenizer(tok), eot=-1)
     base = SamplerOptions(gen_length=s["gen_length"], block_length=s["block_length"],
                           steps=s["steps"])
     legs = {"no cache": base, "dual": dataclasses.replace(base, cache="dual"),

@@ -1,7 +1,8 @@
-"""Our train step as the benchmarks time it, with no torch: the batch (`make_batch`: one image
-per row, the answer filling the rest of the row) and `JaxStep` (`make_train_step` jitted with
-the state donated, as the trainer runs it). benchmarks/train_step.py times it against a
-PyTorch step on the CPU; benchmarks/accelerator.py on a GPU or TPU."""
+"""What the benchmarks time our model on, with no torch: the train batch (`make_batch`: one
+image per row, the answer filling the rest of the row), `JaxStep` (`make_train_step` jitted
+with the state donated, as the trainer runs it) and the sampler's prompt (`image_prompt`).
+benchmarks/train_step.py and sampler.py time them against PyTorch on the CPU;
+benchmarks/accelerator.py on a GPU or TPU."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from lladav_jax.data.image import process_image
 from lladav_jax.data.layout import collate_visual
+from lladav_jax.data.template import encode_prompt
 from lladav_jax.train import optim
 from lladav_jax.train.step import TrainState, make_train_step, split_accum
 
@@ -87,3 +89,15 @@ class JaxStep:
         self.state, m = self.fn(self.state, self.frozen, self.batch)
         jax.block_until_ready((self.state, m))
         self.losses.append(float(m["loss"]))
+
+
+def image_prompt(cfg, tok, size: int):
+    """One random size x size image and "What is in the image?", as one prompt: (the processed
+    image, tokens [1, P], the image's start in them, the visual inputs of
+    `LLaDAV.embed_inputs`)."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8))
+    img = process_image(image, cfg)
+    tokens, starts = encode_prompt(tok, "What is in the image?", [img.layout.num_tokens])
+    tokens = np.asarray(tokens, np.int32)[None]
+    visual = collate_visual([[(img, starts[0])]], cfg, tokens.shape[1])
+    return img, tokens, starts, visual

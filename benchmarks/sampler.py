@@ -33,13 +33,10 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
-from PIL import Image
+from jax_step import image_prompt  # benchmarks/jax_step.py
 
 from lladav_jax.checkpoints import torch_reference as ref
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
-from lladav_jax.data.image import process_image
-from lladav_jax.data.layout import collate_visual
-from lladav_jax.data.template import encode_prompt
 from lladav_jax.diffusion import sampler
 from lladav_jax.diffusion.options import SamplerOptions, SpecialIds
 from lladav_jax.models import hf_params, lladav, variants
@@ -57,15 +54,6 @@ def build(variant: str, sharpen: float, attention: str = "auto"):
     hf_params.load_hf(model, ref.official_from_onevision(hf, cfg),
                       hf_params.lladav_entries(cfg), cfg)
     return cfg, hf, model
-
-
-def prompt_inputs(cfg, tok, size: int):
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8))
-    img = process_image(image, cfg)
-    tokens, starts = encode_prompt(tok, "What is in the image?", [img.layout.num_tokens])
-    tokens = np.asarray(tokens, np.int32)[None]
-    visual = collate_visual([[(img, starts[0])]], cfg, tokens.shape[1])
-    return img, tokens, starts, visual
 
 
 def time_torch(hf, tokens, img, starts, ids, options: SamplerOptions) -> float:
@@ -135,7 +123,7 @@ def main() -> None:
 
     tok = load_demo_tokenizer()
     cfg, hf, model = build(args.variant, args.sharpen, args.attention)
-    img, tokens, starts, visual = prompt_inputs(cfg, tok, args.image_size)
+    img, tokens, starts, visual = image_prompt(cfg, tok, args.image_size)
     ids = dataclasses.replace(SpecialIds.from_tokenizer(tok), eot=-1)  # no early stop
     base = SamplerOptions(gen_length=args.gen_length, steps=args.steps,
                           block_length=args.block_length)

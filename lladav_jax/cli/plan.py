@@ -28,6 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from lladav_jax.cli import errors
+from lladav_jax.diffusion.options import CACHES
 from lladav_jax.scale import topology as topo
 from lladav_jax.scale.plan import (
     SamplerSpec,
@@ -58,8 +59,7 @@ _PROMPT_LEN = flags.DEFINE_integer(
     "largest AnyRes image with a short question).")
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 128, "Sampler: answer tokens.")
 _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Sampler: block length.")
-_CACHE = flags.DEFINE_enum("cache", "dual", ["none", "prefix", "dual", "adaptive"],
-                           "Sampler: KV cache.")
+_CACHE = flags.DEFINE_enum("cache", "dual", list(CACHES), "Sampler: KV cache.")
 _INFERENCE = flags.DEFINE_boolean(
     "inference", False, "Plan inference alone: compile the sampler, not the train step.")
 _QUANTIZE = flags.DEFINE_enum(

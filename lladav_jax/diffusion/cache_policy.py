@@ -4,7 +4,8 @@ Every denoising step of block b needs the block's logits. A step gets them eithe
 pass* (the whole sequence: exact, and every position's keys/values written into the cache) or by
 a *cached pass* (only a chunk of the sequence, attending to the rest through the cache: cheap,
 approximate where the cache is stale). A `CachePolicy` decides which, step by step; the sampler
-asks it and nothing else, so a new policy is one more entry in `POLICIES`.
+asks it and nothing else, so a new policy is one more entry in `POLICIES` (and its name in
+`options.CACHES`).
 
 - `none`: every step a full pass; no cache.
 - `prefix`: a full pass at each block's first step; cached passes run the block and everything

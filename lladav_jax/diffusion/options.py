@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-from lladav_jax.diffusion.cache_policy import POLICIES
-
-CACHES = tuple(POLICIES)
+# The cache policies by name (`cache_policy.POLICIES` holds one for each; a test keeps the two
+# the same). Spelt out so that this module needs no JAX: the CLIs check their flags with it
+# before JAX is imported.
+CACHES = ("none", "prefix", "dual", "adaptive")
 REMASKING = ("low_confidence", "random")
 
 

@@ -111,9 +111,9 @@ def _cached_pass(model, s: _Setup, x, cache, start, back: int = 0):
     return llm.logits(h[:, back:back + bl]), cache
 
 
-def _block_logits(model, s: _Setup, st: _State, start, first_in_block, live):
+def _block_logits(model, s: _Setup, st: _State, start, first_in_block):
     """The block's logits by the policy's choice of pass; returns (logits, cache, full passes
-    run, reference). `live` [B', block]: the positions drift is measured on."""
+    run, reference)."""
     pol, o = s.policy, s.options
     if not pol.cached:
         logits, _ = _full_pass(model, s, st.x, None, start)
@@ -134,8 +134,8 @@ def _block_logits(model, s: _Setup, st: _State, start, first_in_block, live):
                 lambda c: _cached_pass(model, s, st.x, c, start), cache)
         else:
             logits, fresh = _cached_pass(model, s, st.x, cache, start)
-        d = (drift(block_kv(fresh, start, bl), st.reference, live) if pol.measures_drift
-             else jnp.float32(0))
+        d = (drift(block_kv(fresh, start, bl), st.reference, _live(s, st, start))
+             if pol.measures_drift else jnp.float32(0))
         return logits, fresh if pol.keeps_block else cache, jnp.int32(0), st.reference, d
 
     before = pol.refresh_before(st.step == 0, first_in_block)
@@ -147,15 +147,20 @@ def _block_logits(model, s: _Setup, st: _State, start, first_in_block, live):
     return logits, cache, n, ref
 
 
+def _live(s: _Setup, st: _State, start) -> jax.Array:
+    """[B', block]: the block's positions still masked in rows not done (CFG's unconditional
+    rows with their conditional ones): where drift is measured."""
+    masked = jax.lax.dynamic_slice_in_dim(st.x, start, s.options.block_length, axis=1)
+    done = jnp.tile(st.done, st.x.shape[0] // st.done.shape[0])
+    return (masked == s.ids.mask) & ~done[:, None]
+
+
 def _step(model, s: _Setup, st: _State, b, quota, first_in_block, rng) -> _State:
     """One denoising step of block `b`."""
     o, ids = s.options, s.ids
     bl, start = o.block_length, s.prompt_len + b * o.block_length
     n = st.done.shape[0]
-    masked_all = jax.lax.dynamic_slice_in_dim(st.x, start, bl, axis=1) == ids.mask
-    live = masked_all & jnp.tile(~st.done, st.x.shape[0] // n)[:, None]
-    logits, cache, full_passes, reference = _block_logits(model, s, st, start, first_in_block,
-                                                          live)
+    logits, cache, full_passes, reference = _block_logits(model, s, st, start, first_in_block)
     logits = logits.astype(jnp.float32)
     if o.cfg_scale > 0:  # rows are [conditional; unconditional]
         cond, uncond = jnp.split(logits, 2)
@@ -299,8 +304,8 @@ def generate(
     s = _Setup(o, ids, p, prompt_embeds, positions, segments, turns)
     cache = (model.llm.init_cache(x.shape[0], x.shape[1], prompt_embeds.dtype)
              if s.policy.cached else None)
-    reference = (jnp.zeros((2, *cache[0].shape[:2], o.block_length, *cache[0].shape[3:]),
-                           cache[0].dtype) if s.policy.measures_drift else None)
+    # Its shape; `_decode_block` fills it at each block's start.
+    reference = block_kv(cache, p, o.block_length) if s.policy.measures_drift else None
     state = _State(x, cache, jnp.full((b, o.gen_length), -1, jnp.int32), jnp.int32(0),
                    jnp.zeros((b,), bool), jnp.int32(0), reference)
 

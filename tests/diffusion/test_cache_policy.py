@@ -38,8 +38,7 @@ def test_drift():
 
 
 def test_policies_listed():
-    assert CACHES == tuple(cache_policy.POLICIES) == ("none", "prefix", "dual",
-                                                             "adaptive")
+    assert CACHES == tuple(cache_policy.POLICIES) == ("none", "prefix", "dual", "adaptive")
     with pytest.raises(ValueError, match=r"refresh_threshold=-0.1: must be >= 0"):
         SamplerOptions(cache="adaptive", refresh_threshold=-0.1)
 
