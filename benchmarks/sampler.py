@@ -6,7 +6,8 @@
 
 One 384x384 image (1485 visual tokens) + a question; a 256-token answer in blocks of 32.
 (a) the plain PyTorch reference (lladav_jax/checkpoints/torch_reference.py over transformers'
-modules, the whole sequence every step, as the official sampler); (b) ours, no cache; (c)
+modules, the whole sequence every step, as the official sampler; torch's fused attention, as the
+official model's default); (b) ours, no cache; (c)
 prefix cache; (d) dual cache; (e) dual cache + threshold 0.9; (f) adaptive refresh + threshold
 0.9. Random weights, so the <|eot_id|> stop is switched off (every run decodes every position)
 and the head is sharpened so that confidences pass the threshold as a trained model's do (a
@@ -42,12 +43,17 @@ from lladav_jax.diffusion.options import SamplerOptions, SpecialIds
 from lladav_jax.models import hf_params, lladav, variants
 
 
-def build(variant: str, sharpen: float, attention: str = "auto"):
+def build(variant: str, sharpen: float, attention: str = "auto", torch_attn: str = "sdpa"):
+    """(cfg, the reference's model, ours) with the same random weights. `torch_attn`: the
+    reference's attention, `sdpa` as the official LLaDA model runs by default (its
+    LLaDASdpaAttention: torch's fused kernel) or `eager` (torch_reference's, for exactness in
+    tests; on this CPU it made the reference 1.9x slower)."""
     cfg = variants.model_config(variant)
     cfg.attention_impl = attention
-    hf = ref.randomize(
-        transformers.LlavaOnevisionForConditionalGeneration(ref.onevision_config(cfg)),
-        scale=0.02)
+    config = ref.onevision_config(cfg)
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = torch_attn
+    hf = ref.randomize(transformers.LlavaOnevisionForConditionalGeneration(config), scale=0.02)
     with torch.no_grad():
         hf.lm_head.weight.mul_(sharpen)
     model = lladav.LLaDAV(cfg, rngs=nnx.Rngs(0))
@@ -99,12 +105,17 @@ def spread(values) -> str:
     return f"{np.median(v):.2f} ({v.min():.2f}-{v.max():.2f})"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_setting_args(ap: argparse.ArgumentParser) -> None:
+    """The setting's flags (model, image, answer), shared with cpu_ceiling.py."""
     ap.add_argument("--variant", default="small")
     ap.add_argument("--image_size", type=int, default=384)
     ap.add_argument("--gen_length", type=int, default=256)
     ap.add_argument("--block_length", type=int, default=32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setting_args(ap)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--refresh_threshold", type=float,
@@ -112,6 +123,8 @@ def main() -> None:
     ap.add_argument("--sharpen", type=float, default=15.0, help="the head's weights times this")
     ap.add_argument("--attention", default="auto",
                     help="our attention_impl (auto: chunked on the CPU)")
+    ap.add_argument("--torch_attn", default="sdpa", choices=("sdpa", "eager"),
+                    help="the reference's attention (sdpa: the official model's default)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every leg, interleaved")
     ap.add_argument("--legs", default="a,b,c,d,e,f", help="which of a-f to run")
     ap.add_argument("--ratio_steps", type=int, default=8,
@@ -122,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     tok = load_demo_tokenizer()
-    cfg, hf, model = build(args.variant, args.sharpen, args.attention)
+    cfg, hf, model = build(args.variant, args.sharpen, args.attention, args.torch_attn)
     img, tokens, starts, visual = image_prompt(cfg, tok, args.image_size)
     ids = dataclasses.replace(SpecialIds.from_tokenizer(tok), eot=-1)  # no early stop
     base = SamplerOptions(gen_length=args.gen_length, steps=args.steps,
@@ -130,8 +143,8 @@ def main() -> None:
     prompt = dict(tokens=tokens, valid=np.ones_like(tokens, bool), **visual)
     print(f"{args.variant}: prompt {tokens.shape[1]} tokens ({img.layout.num_tokens} visual), "
           f"answer {args.gen_length} in blocks of {args.block_length}, {args.steps} steps; "
-          f"attention {args.attention}; jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-          f"torch {torch.__version__} "
+          f"attention {args.attention} (reference {args.torch_attn}); jax {jax.__version__} "
+          f"on {jax.devices()[0].device_kind}, torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads; {args.repeats} rounds, legs interleaved")
     plan = legs(args, base)
     runs, compile_s, counts = {}, {}, {}

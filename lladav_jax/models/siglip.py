@@ -62,6 +62,15 @@ class EncoderLayer(nnx.Module):
         return layers.constrain(x, ("batch", "length", "act_embed"))
 
 
+def pos_embed_std(init: str, width: int) -> float:
+    """The std of the position embedding's random init: SigLIP's 1/sqrt(width) under `official`;
+    1 under `fan_in`, the scale of the patch embedding's output (a lecun-normal conv of pixels in
+    [-1, 1]). At 1/sqrt(width) a tower trained from scratch hardly tells its tokens apart by
+    place: the demo's motion question sat at chance for 2,048 steps, and left it within ~400 at 1
+    (docs/design.md §4.5). A released tower's trained embedding carries place strongly."""
+    return 1.0 if init == "fan_in" else width**-0.5
+
+
 class SigLIPVision(nnx.Module):
     """pixels [N, H, W, 3] (normalised to [-1, 1]) -> features [N, (H/p)*(W/p), hidden]."""
 
@@ -84,7 +93,7 @@ class SigLIPVision(nnx.Module):
             rngs=rngs,
         )
         self.pos_embed = nnx.Param(
-            nnx.initializers.normal(d**-0.5)(
+            nnx.initializers.normal(pos_embed_std(numerics.init, d))(
                 rngs.params(), (v.num_patches, d), numerics.param_dtype
             ),
             **layers.axes("patch", "embed"),
@@ -103,4 +112,4 @@ class SigLIPVision(nnx.Module):
         return layers.run_layers(self.layers, x, self.remat_policy, dropout_rng)
 
 
-__all__ = ["EncoderLayer", "SigLIPVision"]
+__all__ = ["EncoderLayer", "SigLIPVision", "pos_embed_std"]

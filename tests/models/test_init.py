@@ -1,5 +1,6 @@
 """`model.init`: how the linear layers' kernels are drawn (`official` N(0, 0.02), the released
-configs' initializer_range; `fan_in` N(0, 1/d_in), for small models trained from scratch)."""
+configs' initializer_range; `fan_in` N(0, 1/d_in), for small models trained from scratch), and
+the vision tower's position embedding (SigLIP's N(0, 1/width); N(0, 1) under `fan_in`)."""
 
 import numpy as np
 import pytest
@@ -35,12 +36,22 @@ def test_kernels_have_the_init_std(init):
         assert abs(k.mean()) < 0.1 * want, path
 
 
-def test_fan_in_changes_only_the_linear_kernels():
+def test_fan_in_changes_only_the_linear_kernels_and_the_position_embedding():
     official, fan_in = (nnx.to_flat_state(nnx.state(_model(init), nnx.Param))
                         for init in ("official", "fan_in"))
     changed = {"/".join(map(str, p)) for (p, a), (_, b) in zip(official, fan_in, strict=True)
                if not np.array_equal(np.asarray(a[...]), np.asarray(b[...]))}
-    assert changed == {p + "/kernel" for p in _kernels(_model("official"))}
+    pos = "vision/pos_embed"
+    assert changed == {p + "/kernel" for p in _kernels(_model("official"))} | {pos}
+
+
+@pytest.mark.parametrize("init", ["official", "fan_in"])
+def test_position_embedding_std(init):
+    model = _model(init)
+    pos = np.asarray(model.vision.pos_embed[...])
+    width = pos.shape[-1]
+    want = width ** -0.5 if init == "official" else 1.0
+    assert pos.std() == pytest.approx(want, rel=0.1), (pos.shape, pos.std(), want)
 
 
 def test_the_default_is_official_and_old_configs_load():

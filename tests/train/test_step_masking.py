@@ -33,6 +33,22 @@ def setup():
     return model, graphdef, tx, state, frozen, batch, tok.mask_id
 
 
+@pytest.fixture(scope="module")
+def compiled(setup):
+    """step(complementary, head_chunk): the jitted train step, compiled once for the module's
+    tests (each compile takes seconds)."""
+    _, graphdef, tx, _, _, _, mask_id = setup
+    cache = {}
+
+    def step(complementary: bool, head_chunk: int = 0):
+        if (complementary, head_chunk) not in cache:
+            cache[complementary, head_chunk] = jax.jit(make_train_step(
+                graphdef, tx, mask_id, complementary, head_chunk=head_chunk))
+        return cache[complementary, head_chunk]
+
+    return step
+
+
 def reference(model, batch: dict, key: jax.Array, mask_id: int, complementary: bool):
     """(loss sum, samples) recomputed copy by copy, each copy its own B-row forward pass."""
     args = (key, batch["tokens"], batch["targets"], batch["segment_ids"], mask_id)
@@ -51,10 +67,9 @@ def reference(model, batch: dict, key: jax.Array, mask_id: int, complementary: b
 
 
 @pytest.mark.parametrize("complementary", [False, True])
-def test_step_loss_is_the_objective_of_its_masks(setup, complementary):
-    model, graphdef, tx, state, frozen, batch, mask_id = setup
-    step = jax.jit(make_train_step(graphdef, tx, mask_id, complementary))
-    new, m = step(state, frozen, split_accum(batch, 1))
+def test_step_loss_is_the_objective_of_its_masks(setup, compiled, complementary):
+    model, _, _, state, frozen, batch, mask_id = setup
+    new, m = compiled(complementary)(state, frozen, split_accum(batch, 1))
     key = jax.random.split(jax.random.split(state.rng)[1], 1)[0]  # the step's micro-batch key
     total, count = reference(model, batch, key, mask_id, complementary)
     assert np.isfinite(float(m["loss"])) and not bool(m["skipped"])
@@ -70,15 +85,13 @@ def test_step_loss_is_the_objective_of_its_masks(setup, complementary):
 
 
 @pytest.mark.parametrize("complementary", [False, True])
-def test_head_only_where_the_loss_is_gives_the_same_step(setup, complementary):
+def test_head_only_where_the_loss_is_gives_the_same_step(setup, compiled, complementary):
     """train.head_chunk: the loss, the gradient norm and the updated parameters of one step
     equal the full head's (float32)."""
-    _, graphdef, tx, state, frozen, batch, mask_id = setup
+    _, _, _, state, frozen, batch, _ = setup
     micro = split_accum(batch, 1)
-    full, m_full = jax.jit(make_train_step(graphdef, tx, mask_id, complementary))(
-        state, frozen, micro)
-    part, m_part = jax.jit(make_train_step(graphdef, tx, mask_id, complementary, head_chunk=4))(
-        state, frozen, micro)
+    full, m_full = compiled(complementary)(state, frozen, micro)
+    part, m_part = compiled(complementary, head_chunk=4)(state, frozen, micro)
     assert int(m_part["masked_tokens"]) > 4 * len(batch["tokens"])  # several chunks a row
     np.testing.assert_allclose(float(m_part["loss"]), float(m_full["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m_part["grad_norm"]), float(m_full["grad_norm"]), rtol=1e-5)
