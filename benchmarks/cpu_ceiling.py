@@ -6,9 +6,10 @@
 Two of the speed targets compare ours with PyTorch on the CPU: the uncached sampler against
 the reference (benchmarks/sampler.py, legs a and b) and the train step against a PyTorch eager
 step (benchmarks/train_step.py). However well ours runs, a step cannot take less than the
-floor = the FLOPs it must do / the machine's float32 matmul peak (XLA's, measured in the same
-round). So the best ratio any implementation can reach is PyTorch's seconds / our floor: the
-ceiling. A target above the ceiling cannot be met on this machine in float32.
+floor = the FLOPs it must do / the machine's float32 matmul peak (the faster of XLA's and
+torch's, measured in the same round). So the best ratio any implementation can reach is
+PyTorch's seconds / our floor: the ceiling. A target above the ceiling cannot be met on this
+machine in float32.
 
 The FLOPs ours must do (`models/flops.py`, forward = training / 3):
 - a sampler step without a cache: the text model's forward over the whole sequence (prompt +
@@ -43,7 +44,7 @@ from sampler import add_setting_args, build, spread, time_torch  # benchmarks/sa
 from torch_step import TorchStep  # benchmarks/torch_step.py
 
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
-from lladav_jax.diffusion import sampler
+from lladav_jax.diffusion import sampler as diffusion_sampler  # not benchmarks/sampler.py
 from lladav_jax.diffusion.options import SamplerOptions, SpecialIds
 from lladav_jax.models import flops, lladav
 from lladav_jax.models.config import ModelConfig
@@ -101,7 +102,7 @@ def main() -> None:
     options = SamplerOptions(gen_length=args.gen_length, steps=args.sampler_steps,
                              block_length=args.block_length)
     prompt = dict(tokens=tokens, valid=np.ones_like(tokens, bool), **visual)
-    ours_sampler = sampler.compiled_generate(model, options, ids)
+    ours_sampler = diffusion_sampler.compiled_generate(model, options, ids)
     jax.block_until_ready(ours_sampler(prompt, jax.random.key(0)))
     length = tokens.shape[1] + args.gen_length
 

@@ -20,8 +20,8 @@ alone is learnt in about 4 minutes (held-out motion accuracy 0.98-1.00):
         --config.data.synthetic_kind=motion --config.data.batch_size=16 \
         --config.train.steps=800
 
-In this mix, within its 1,536 steps, the content questions are learnt and the place questions
-(motion, position) are not yet.
+In this mix the content questions are learnt and the place questions (motion, position) are
+not, in 1,536 steps or in 3,072.
 """
 
 from lladav_jax.train.defaults import demo
