@@ -35,39 +35,28 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
 from jax_step import LRS, JaxStep, image_prompt, make_batch  # benchmarks/jax_step.py
 from sampler import add_setting_args, build, spread, time_torch  # benchmarks/sampler.py
-from torch_step import TorchStep  # benchmarks/torch_step.py
+from torch_step import TorchStep, torch_peak_flops  # benchmarks/torch_step.py
+from train_step import leg_model  # benchmarks/train_step.py
 
 from lladav_jax.data.demo_tokenizer import load_demo_tokenizer
 from lladav_jax.diffusion import sampler as diffusion_sampler  # not benchmarks/sampler.py
 from lladav_jax.diffusion.options import SamplerOptions, SpecialIds
-from lladav_jax.models import flops, lladav
+from lladav_jax.models import flops
 from lladav_jax.models.config import ModelConfig
+from lladav_jax.train import metrics
 
 
-def matmul_peak(dtype, size: int = 2048, repeats: int = 10, tries: int = 5) -> float:
+def matmul_peak(dtype: str, size: int = 2048, repeats: int = 10, tries: int = 5) -> float:
     """The CPU's matmul FLOP/s at `dtype`, wall clock: the best of `tries` runs of `repeats`
     products, by XLA and (float32) by torch's MKL, whichever is faster: the floor is the
     machine's, not one library's."""
-    x = jax.random.normal(jax.random.key(0), (size, size), dtype)
-    f = jax.jit(lambda a: a @ a)
-    runs = [lambda: f(x).block_until_ready()]
-    if dtype == jnp.float32:
-        t = torch.from_numpy(np.array(x))
-        runs.append(lambda: t @ t)
-    best = 0.0
-    for run in runs:
-        run()
-        for _ in range(tries):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    best = max(metrics.measure_peak_flops(size, repeats, dtype) for _ in range(tries))
+    if dtype == "float32":
+        best = max(best, torch_peak_flops(size, repeats, tries))
     return best
 
 
@@ -108,9 +97,7 @@ def main() -> None:
 
     step_cfg, batch, info = make_batch(cfg, 1, args.seq_len, args.image_size)
     torch_step = TorchStep(step_cfg, batch, info, "sdpa", LRS)
-    step_cfg.attention_impl = "chunked"
-    step_model = lladav.abstract(step_cfg)  # the sampler's weights, chunked attention
-    nnx.update(step_model, jax.tree.map(jnp.array, nnx.state(model)))
+    step_model = leg_model(model, step_cfg, "chunked")  # the sampler's weights
     ours_step = JaxStep(step_model, batch, info["mask_id"], head_chunk=1024)
     ours_step()  # warm
 
@@ -124,8 +111,8 @@ def main() -> None:
 
     rows = {k: [] for k in ("peak", "peak_bf16", "ref", "ours_pass", "torch_step", "ours_step")}
     for r in range(args.repeats):
-        rows["peak"].append(matmul_peak(jnp.float32))
-        rows["peak_bf16"].append(matmul_peak(jnp.bfloat16))
+        rows["peak"].append(matmul_peak("float32"))
+        rows["peak_bf16"].append(matmul_peak("bfloat16"))
         rows["ref"].append(time_torch(hf, tokens, img, starts, ids, options) / options.steps)
         start = time.perf_counter()
         jax.block_until_ready(ours_sampler(prompt, jax.random.key(0)))

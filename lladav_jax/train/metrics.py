@@ -20,9 +20,9 @@ from lladav_jax import paths
 from lladav_jax.scale import topology
 
 
-def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """This device's float32 matmul FLOP/s, measured (for the CPU, which has no datasheet)."""
-    x = jax.random.normal(jax.random.key(0), (size, size))
+def measure_peak_flops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """This device's matmul FLOP/s at `dtype`, measured (for the CPU, which has no datasheet)."""
+    x = jax.random.normal(jax.random.key(0), (size, size), dtype)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     start = time.perf_counter()
